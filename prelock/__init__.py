@@ -1,0 +1,3 @@
+"""prelock keeps the code pages of running programs locked in memory."""
+
+__version__ = "0.1.0"
