@@ -1,0 +1,3 @@
+from prelock.cli import main
+
+main()

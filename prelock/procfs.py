@@ -1,0 +1,251 @@
+"""Parsers and readers for /proc/PID/{maps,stat,status,cgroup,comm,exe}.
+
+Parsers take bytes and return records; readers take a procfs root so tests can point
+them at fixture trees. Readers raise ProcessGone when the process exited and
+AccessDenied when the kernel's ptrace check refused the read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from prelock.errors import ProcessGone, translate_proc_error
+
+DELETED_SUFFIX = " (deleted)"
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of /proc/PID/maps.
+
+    path is decoded with surrogateescape, so non-UTF-8 bytes survive a round trip
+    through os.fsencode. It may end in " (deleted)": only a file-key comparison tells a
+    deleted file from one whose name really ends so.
+    """
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev_major: int
+    dev_minor: int
+    inode: int
+    path: str
+
+    @property
+    def size_bytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def dev(self) -> int:
+        """The device number as st_dev would report it."""
+        return os.makedev(self.dev_major, self.dev_minor)
+
+    @property
+    def file_backed(self) -> bool:
+        """True when an inode backs the mapping; [heap], [vdso] and anonymous maps have 0."""
+        return self.inode != 0
+
+    @property
+    def map_files_name(self) -> str:
+        """The entry name under /proc/PID/map_files: hex without leading zeros."""
+        return f"{self.start:x}-{self.end:x}"
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The fields of /proc/PID/stat that prelock uses."""
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    minflt: int
+    majflt: int
+    starttime_ticks: int
+    rss_pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupEntry:
+    """One line of /proc/PID/cgroup: hierarchy 0 with no controllers is cgroup v2."""
+
+    hierarchy_id: int
+    controllers: tuple[str, ...]
+    path: str
+
+
+def parse_maps(data: bytes) -> list[Mapping]:
+    """Parse /proc/PID/maps text.
+
+    The path is the sixth field and may contain spaces, so a line is split into at most
+    six fields. The kernel escapes only a newline in a path, as \\012.
+    """
+    mappings = []
+    for line in data.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 5:
+            continue
+        start, _, end = fields[0].partition(b"-")
+        major, _, minor = fields[3].partition(b":")
+        path = fields[5].replace(b"\\012", b"\n") if len(fields) == 6 else b""
+        mappings.append(Mapping(
+            start=int(start, 16),
+            end=int(end, 16),
+            perms=fields[1].decode("ascii"),
+            offset=int(fields[2], 16),
+            dev_major=int(major, 16),
+            dev_minor=int(minor, 16),
+            inode=int(fields[4]),
+            path=os.fsdecode(path),
+        ))
+    return mappings
+
+
+def parse_stat(data: bytes) -> Stat:
+    """Parse /proc/PID/stat; comm may hold spaces and ')', so split at the last ')'."""
+    head, _, tail = data.rpartition(b")")
+    pid_text, _, comm = head.partition(b" (")
+    fields = tail.split()
+    # fields[0] is field 3 (state) of proc_pid_stat(5).
+    return Stat(
+        pid=int(pid_text),
+        comm=os.fsdecode(comm),
+        state=fields[0].decode("ascii"),
+        ppid=int(fields[1]),
+        minflt=int(fields[7]),
+        majflt=int(fields[9]),
+        starttime_ticks=int(fields[19]),
+        rss_pages=int(fields[21]),
+    )
+
+
+def parse_status(data: bytes) -> dict[str, str]:
+    """Parse /proc/PID/status into a dict of key to the raw value text."""
+    status = {}
+    for line in data.splitlines():
+        key, sep, value = line.partition(b":")
+        if sep:
+            status[key.decode("ascii", "replace")] = os.fsdecode(value.strip())
+    return status
+
+
+def parse_cgroup(data: bytes) -> list[CgroupEntry]:
+    """Parse /proc/PID/cgroup (v1 lines, the v2 line '0::/path', or both)."""
+    entries = []
+    for line in data.splitlines():
+        hierarchy, _, rest = line.partition(b":")
+        controllers, _, path = rest.partition(b":")
+        if not hierarchy.isdigit():
+            continue
+        names = tuple(c for c in controllers.decode("ascii", "replace").split(",") if c)
+        entries.append(CgroupEntry(int(hierarchy), names, os.fsdecode(path)))
+    return entries
+
+
+def memory_cgroup_path(entries: list[CgroupEntry]) -> str:
+    """Return the process's memory cgroup path: the v1 memory hierarchy, else the v2 one.
+
+    Returns "/" when neither is listed (no cgroups mounted, or a kernel thread).
+    """
+    for entry in entries:
+        if "memory" in entry.controllers:
+            return entry.path
+    for entry in entries:
+        if entry.hierarchy_id == 0 and not entry.controllers:
+            return entry.path
+    return "/"
+
+
+def list_pids(procfs: str = "/proc") -> list[int]:
+    """Return the PIDs present in procfs, ascending."""
+    return sorted(int(name) for name in os.listdir(procfs) if name.isdigit())
+
+
+def _read(pid: int, name: str, procfs: str) -> bytes:
+    path = f"{procfs}/{pid}/{name}"
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise translate_proc_error(exc, pid, path) from exc
+
+
+def read_maps(pid: int, procfs: str = "/proc") -> list[Mapping]:
+    """Read the mappings of pid.
+
+    Zombies and kernel threads have no mappings. A process whose main thread exited
+    while other threads run also reads as empty, so fall back to a live thread's maps.
+    """
+    mappings = parse_maps(_read(pid, "maps", procfs))
+    if mappings:
+        return mappings
+    for tid in _live_threads(pid, procfs):
+        try:
+            mappings = parse_maps(_read(pid, f"task/{tid}/maps", procfs))
+        except ProcessGone:
+            continue
+        if mappings:
+            return mappings
+    return []
+
+
+def _live_threads(pid: int, procfs: str) -> Iterator[int]:
+    try:
+        names = os.listdir(f"{procfs}/{pid}/task")
+    except OSError:
+        return
+    for name in names:
+        if name.isdigit() and int(name) != pid:
+            yield int(name)
+
+
+def read_stat(pid: int, procfs: str = "/proc") -> Stat:
+    data = _read(pid, "stat", procfs)
+    if not data:
+        raise ProcessGone(pid)
+    return parse_stat(data)
+
+
+def read_status(pid: int, procfs: str = "/proc") -> dict[str, str]:
+    return parse_status(_read(pid, "status", procfs))
+
+
+def read_cgroup(pid: int, procfs: str = "/proc") -> list[CgroupEntry]:
+    return parse_cgroup(_read(pid, "cgroup", procfs))
+
+
+def read_comm(pid: int, procfs: str = "/proc") -> str:
+    return os.fsdecode(_read(pid, "comm", procfs).rstrip(b"\n"))
+
+
+def read_exe(pid: int, procfs: str = "/proc") -> str | None:
+    """Return the executable path of pid, or None for kernel threads and zombies."""
+    path = f"{procfs}/{pid}/exe"
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:
+        # A kernel thread or zombie has no exe link while its /proc directory remains.
+        if os.path.exists(f"{procfs}/{pid}"):
+            return None
+        raise ProcessGone(pid) from None
+    except OSError as exc:
+        raise translate_proc_error(exc, pid, path) from exc
