@@ -1,8 +1,8 @@
 """Page presence from /proc/PID/pagemap and page flags from /proc/kpageflags.
 
-pagemap holds one little-endian u64 per virtual page: bit 63 present, bit 62 swapped,
+pagemap contains one little-endian u64 per virtual page: bit 63 present, bit 62 swapped,
 bit 61 file page or shared anonymous, bits 0-54 the PFN (zero without CAP_SYS_ADMIN).
-kpageflags holds one u64 of KPF_* bits per PFN; bit 33 (KPF_MLOCKED) is the ground
+kpageflags contains one u64 of KPF_* bits per PFN; bit 33 (KPF_MLOCKED) is the ground
 truth for "this page is locked".
 """
 
@@ -67,7 +67,7 @@ def present_file_pages(raw: bytes) -> bytes:
 
 
 def runs(flags: bytes) -> list[tuple[int, int]]:
-    """Return the [first, last) index ranges where flags holds 1."""
+    """Return the [first, last) index ranges where flags is 1."""
     return [match.span() for match in _RUN_RE.finditer(flags)]
 
 

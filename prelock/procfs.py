@@ -7,10 +7,12 @@ AccessDenied when the kernel's ptrace check refused the read.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Iterator
 
+from prelock import native
 from prelock.errors import ProcessGone, translate_proc_error
 
 DELETED_SUFFIX = " (deleted)"
@@ -21,7 +23,7 @@ class Mapping:
     """One line of /proc/PID/maps.
 
     path is decoded with surrogateescape, so non-UTF-8 bytes survive a round trip
-    through os.fsencode. It may end in " (deleted)": only a file-key comparison tells a
+    through os.fsencode. It may end in " (deleted)": only a file-key comparison distinguishes a
     deleted file from one whose name really ends so.
     """
 
@@ -190,22 +192,63 @@ def _read(pid: int, name: str, procfs: str) -> bytes:
 
 
 def read_maps(pid: int, procfs: str = "/proc") -> list[Mapping]:
-    """Read the mappings of pid.
+    """Read the mappings of pid, through PROCMAP_QUERY where the kernel has it.
 
     Zombies and kernel threads have no mappings. A process whose main thread exited
     while other threads run also reads as empty, so fall back to a live thread's maps.
     """
-    mappings = parse_maps(_read(pid, "maps", procfs))
+    mappings = _read_maps_file(pid, "maps", procfs)
     if mappings:
         return mappings
     for tid in _live_threads(pid, procfs):
         try:
-            mappings = parse_maps(_read(pid, f"task/{tid}/maps", procfs))
+            mappings = _read_maps_file(pid, f"task/{tid}/maps", procfs)
         except ProcessGone:
             continue
         if mappings:
             return mappings
     return []
+
+
+def _read_maps_file(pid: int, name: str, procfs: str) -> list[Mapping]:
+    if not native.has_procmap_query():
+        return parse_maps(_read(pid, name, procfs))
+    path = f"{procfs}/{pid}/{name}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise translate_proc_error(exc, pid, path) from exc
+    try:
+        return query_maps(fd, path)
+    except OSError as exc:
+        # ESRCH here means the task has no mm (a zombie, a kernel thread, or a leader whose
+        # thread exited) while the /proc entry is open, which the maps text reads as empty.
+        if exc.errno == errno.ESRCH:
+            return []
+        # A fixture tree or another filesystem mounted as the procfs root has plain files.
+        if exc.errno == errno.ENOTTY:
+            return parse_maps(_read(pid, name, procfs))
+        raise translate_proc_error(exc, pid, path) from exc
+    finally:
+        os.close(fd)
+
+
+def query_maps(maps_fd: int, path: str) -> list[Mapping]:
+    """Walk every VMA with the PROCMAP_QUERY ioctl (Linux 6.11+): no text parsing, and
+    the path comes back as the exact bytes, newlines included."""
+    mappings = []
+    addr = 0
+    while (vma := native.procmap_query(maps_fd, addr, path=path)) is not None:
+        perms = "".join((
+            "r" if vma.flags & native.PROCMAP_QUERY_VMA_READABLE else "-",
+            "w" if vma.flags & native.PROCMAP_QUERY_VMA_WRITABLE else "-",
+            "x" if vma.flags & native.PROCMAP_QUERY_VMA_EXECUTABLE else "-",
+            "s" if vma.flags & native.PROCMAP_QUERY_VMA_SHARED else "p",
+        ))
+        mappings.append(Mapping(vma.start, vma.end, perms, vma.offset, vma.dev_major, vma.dev_minor,
+                                vma.inode, os.fsdecode(vma.name)))
+        addr = vma.end
+    return mappings
 
 
 def _live_threads(pid: int, procfs: str) -> Iterator[int]:
