@@ -14,6 +14,13 @@ from prelock.errors import ExitCode, PrelockError
 # Each subcommand lives in its own module and is imported only when it runs (or when
 # --help lists it), so `prelock plan` never pays for matplotlib or prometheus-client.
 COMMANDS = {
+    "bench": "prelock.cli.bench:bench",
+    "cache": "prelock.cli.cache:cache",
+    "check-config": "prelock.cli.check_config:check_config",
+    "doctor": "prelock.cli.doctor:doctor",
+    "plan": "prelock.cli.plan:plan",
+    "run": "prelock.cli.run:run",
+    "status": "prelock.cli.status:status",
 }
 
 EXIT_CODES_HELP = """\b

@@ -1,0 +1,41 @@
+"""`prelock run`: the locking daemon."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from prelock import daemon as daemon_module
+from prelock.cli import setup_logging
+from prelock.config import load_config
+
+log = logging.getLogger("prelock.daemon")
+
+
+@click.command("run")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Config file (default: /etc/prelock/prelock.yaml, else built-in defaults).")
+@click.option("--cycles", type=click.IntRange(min=1), default=None,
+              help="Stop after this many cycles (default: run until SIGTERM).")
+@click.option("--proc-root", default="/proc", show_default=True, help="procfs to read.")
+@click.pass_context
+def run(ctx: click.Context, config_path: str | None, cycles: int | None, proc_root: str) -> None:
+    """Lock the code pages of the configured processes and follow them.
+
+    SIGHUP reloads the config (an invalid one is reported and the running one kept);
+    SIGTERM or SIGINT releases everything and exits 0.
+    """
+    config = load_config(config_path)
+    setup_logging(ctx.obj.get("log_level") or config.log_level)
+
+    current = daemon_module.check_privilege()
+    daemon_module.lock_own_pages(current)
+    daemon = daemon_module.Daemon(config, config_path, proc_root)
+    if config.metrics.listen:
+        from prelock.metrics import Metrics
+
+        daemon.metrics = Metrics(config.metrics.listen)
+    log.info("starting: config=%s mode=%s budget=%s interval=%.0fs", config.source, config.lock.mode,
+             config.lock.budget, config.scan.interval_s)
+    daemon_module.run(daemon, max_cycles=cycles)

@@ -1,0 +1,288 @@
+"""The daemon: start checks, the scan-plan-apply cycle, signals, status and readiness."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prelock import native, privilege
+from prelock.config import Config, load_config
+from prelock.errors import ConfigError, PrivilegeError
+from prelock.files import FileKey
+from prelock.locker import Locker
+from prelock.plan import TIERS, Plan
+from prelock.scan import ScanResult, scan_and_plan
+from prelock.units import format_size
+
+log = logging.getLogger("prelock.daemon")
+
+STATUS_FILE = "status.json"
+
+
+@dataclass
+class CycleSummary:
+    number: int
+    duration_s: float
+    plan: Plan
+    scan: ScanResult
+    locked_new: int = 0
+    grown: int = 0
+    released: int = 0
+    skipped: int = 0
+    memlock_limited: bool = False
+
+
+@dataclass
+class Daemon:
+    config: Config
+    config_path: str | None
+    proc_root: str = "/proc"
+    locker: Locker = field(default_factory=Locker)
+    # Monotonic time at which a target last mapped each held file, for lock.linger.
+    last_mapped: dict[FileKey, float] = field(default_factory=dict)
+    warned: set[tuple[FileKey | str, str]] = field(default_factory=set)
+    cycles: int = 0
+    started_at: float = field(default_factory=time.time)
+    metrics: object | None = None
+    last_summary: CycleSummary | None = None
+
+    def cycle(self) -> CycleSummary:
+        """Scan, plan, release what left the plan, then lock what is new in it."""
+        started = time.monotonic()
+        self.cycles += 1
+
+        # A truncate drops locked pages silently, so measure before planning.
+        self.locker.refresh_locked()
+        plan, scan = scan_and_plan(self.config, self.proc_root, self.locker.total_locked_bytes())
+        now = time.monotonic()
+        for key in scan.files:
+            self.last_mapped[key] = now
+        # Releasing first frees budget for the files the plan ranks higher.
+        released = self._release_unplanned(plan, scan, now)
+        report = self.locker.apply(plan.files, plan.budget_bytes)
+
+        summary = CycleSummary(self.cycles, time.monotonic() - started, plan, scan,
+                               locked_new=len(report.locked), grown=len(report.grown), released=released,
+                               skipped=len(plan.skipped) + len(report.skipped),
+                               memlock_limited=report.memlock_limited)
+        self._warn_once(plan, report)
+        self._log_summary(summary)
+        self.last_summary = summary
+        return summary
+
+    def _release_unplanned(self, plan: Plan, scan: ScanResult, now: float) -> int:
+        planned_keys = {planned.key for planned in plan.files}
+        linger_s = self.config.lock.linger_s
+        released = 0
+        for key, held in list(self.locker.held.items()):
+            if key in planned_keys:
+                continue
+            if key in scan.files:
+                # Still mapped, but out of the plan: over budget, or excluded by a reloaded config.
+                reason = "left the plan"
+            elif _held_file_unlinked(held.addr, held.length_bytes):
+                # An upgrade by rename or a delete leaves the old inode with no links: holding
+                # it pins its page cache and disk blocks, so it goes without waiting for linger.
+                reason = "unlinked"
+            elif now - self.last_mapped.get(key, now) >= linger_s:
+                reason = "linger expired"
+            else:
+                continue
+            self.locker.release(key)
+            self.last_mapped.pop(key, None)
+            released += 1
+            log.debug("released %s reason=%s", held.path, reason)
+        return released
+
+    def _warn_once(self, plan: Plan, report) -> None:
+        for skipped in plan.skipped:
+            self._warn(skipped.key or skipped.path, skipped.path, skipped.reason)
+        for key, path, reason in report.skipped:
+            self._warn(key, path, reason)
+        for key, path in report.changed:
+            log.info("file changed while locked, re-checked next cycle: %s", path)
+        if report.memlock_limited:
+            self._warn("memlock", "RLIMIT_MEMLOCK", "limit reached: grant CAP_IPC_LOCK or raise "
+                       "LimitMEMLOCK (systemd) / ulimit -l to lock more")
+
+    def _warn(self, subject: FileKey | str, path: str, reason: str) -> None:
+        # Skip reasons that are not a problem (tmpfs, devices) stay at debug level.
+        if reason in _ROUTINE_SKIPS:
+            log.debug("skipped %s: %s", path, reason)
+            return
+        if (subject, reason) in self.warned:
+            return
+        self.warned.add((subject, reason))
+        log.warning("skipped %s: %s", path, reason)
+
+    def _log_summary(self, summary: CycleSummary) -> None:
+        by_tier = self.locker.locked_bytes_by_tier()
+        tiers = " ".join(f"{tier}={format_size(by_tier.get(tier, 0))}" for tier in TIERS)
+        log.info("cycle %d: held files=%d %s total=%s budget=%s targets=%d new=%d grown=%d released=%d "
+                 "skipped=%d duration=%.2fs", summary.number, len(self.locker.held), tiers,
+                 format_size(self.locker.total_locked_bytes()), format_size(summary.plan.budget_bytes),
+                 sum(summary.plan.targets.values()), summary.locked_new, summary.grown, summary.released,
+                 summary.skipped, summary.duration_s)
+
+    def status_record(self) -> dict:
+        """Return what the daemon holds now, for the status file and `prelock status`."""
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "cycles": self.cycles,
+            "config": self.config_path,
+            "mode": self.config.lock.mode,
+            "locked_bytes": self.locker.total_locked_bytes(),
+            "locked_bytes_by_tier": self.locker.locked_bytes_by_tier(),
+            "files": [
+                {"path": held.path, "tier": held.tier, "dev": key[0], "inode": key[1],
+                 "locked_bytes": held.locked_bytes, "address": held.addr, "length_bytes": held.length_bytes,
+                 "processes": [{"pid": pid, "comm": comm} for pid, comm in held.owners]}
+                for key, held in self.locker.held.items()
+            ],
+        }
+
+    def write_status(self) -> None:
+        state_dir = Path(self.config.state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            temporary = state_dir / (STATUS_FILE + ".tmp")
+            temporary.write_text(json.dumps(self.status_record()))
+            temporary.replace(state_dir / STATUS_FILE)
+        except OSError as exc:
+            self._warn("status", str(state_dir), f"cannot write the status file: {exc.strerror}")
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return
+        self.config = config
+        self.warned.clear()
+        log.info("reloaded config from %s", config.source)
+
+
+_ROUTINE_SKIPS = {"not a file mapping", "in-memory or device file", "on tmpfs", "on ramfs", "on hugetlbfs"}
+
+
+def _held_file_unlinked(addr: int, length_bytes: int) -> bool:
+    try:
+        return os.stat(f"/proc/self/map_files/{addr:x}-{addr + length_bytes:x}").st_nlink == 0
+    except OSError:
+        return False
+
+
+def check_privilege() -> privilege.Privilege:
+    """Raise PrivilegeError when this process cannot lock anything useful."""
+    current = privilege.current()
+    if current.can_lock_unlimited:
+        return current
+    if current.memlock_limit_bytes < privilege.MIN_MEMLOCK_BYTES:
+        raise PrivilegeError(
+            f"RLIMIT_MEMLOCK is {format_size(current.memlock_limit_bytes)} and CAP_IPC_LOCK is missing: "
+            "run as root with CAP_IPC_LOCK (systemd: AmbientCapabilities=CAP_IPC_LOCK, Kubernetes: "
+            "capabilities.add: [IPC_LOCK]) or raise the limit (LimitMEMLOCK=infinity, ulimit -l unlimited)")
+    log.warning("CAP_IPC_LOCK is missing: locking at most RLIMIT_MEMLOCK=%s, and the daemon's own "
+                "pages stay unlocked", format_size(current.memlock_limit_bytes))
+    return current
+
+
+def lock_own_pages(current: privilege.Privilege) -> None:
+    """Lock the daemon's own pages so it keeps running under the pressure it guards against.
+
+    MCL_ONFAULT matters: without it every later mmap is populated whole at map time and
+    thread stacks are fully populated.
+    """
+    if not current.can_lock_unlimited:
+        # mlockall(MCL_CURRENT) needs the whole address space within RLIMIT_MEMLOCK, and
+        # MCL_FUTURE would make every later mmap, malloc arenas included, count against it.
+        return
+    native.mlockall(native.MCL_CURRENT | native.MCL_FUTURE | native.MCL_ONFAULT)
+
+
+def sd_notify(message: str) -> None:
+    """Send message to systemd's NOTIFY_SOCKET when the daemon runs under Type=notify."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc)
+
+
+def run(daemon: Daemon, max_cycles: int | None = None) -> None:
+    """Run cycles every scan.interval until SIGTERM or SIGINT; SIGHUP reloads the config."""
+    wake_read, wake_write = socket.socketpair()
+    wake_read.setblocking(False)
+    wake_write.setblocking(False)
+    pending: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        pending.append(signum)
+
+    previous_fd = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+
+    try:
+        _loop(daemon, pending, wake_read, max_cycles)
+    finally:
+        sd_notify("STOPPING=1")
+        daemon.locker.release_all()
+        signal.set_wakeup_fd(previous_fd)
+        wake_read.close()
+        wake_write.close()
+        log.info("stopped: released every locked file")
+
+
+def _loop(daemon: Daemon, pending: list[int], wake: socket.socket, max_cycles: int | None) -> None:
+    next_cycle = time.monotonic()
+    while True:
+        while pending:
+            signum = pending.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s, stopping", signal.Signals(signum).name)
+                return
+            sd_notify("RELOADING=1")
+            daemon.reload()
+            sd_notify("READY=1")
+            next_cycle = time.monotonic()
+
+        if time.monotonic() >= next_cycle:
+            daemon.cycle()
+            daemon.write_status()
+            if daemon.metrics is not None:
+                daemon.metrics.update(daemon)
+            if daemon.cycles == 1:
+                sd_notify("READY=1")
+            sd_notify(f"STATUS=holding {len(daemon.locker.held)} files, "
+                      f"{format_size(daemon.locker.total_locked_bytes())}")
+            if max_cycles is not None and daemon.cycles >= max_cycles:
+                return
+            next_cycle = time.monotonic() + daemon.config.scan.interval_s
+
+        timeout_s = max(next_cycle - time.monotonic(), 0)
+        if not pending:
+            select.select([wake], [], [], timeout_s)
+        _drain(wake)
+
+
+def _drain(wake: socket.socket) -> None:
+    try:
+        while wake.recv(64):
+            pass
+    except BlockingIOError:
+        pass
