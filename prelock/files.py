@@ -96,11 +96,18 @@ def _open_via_root(pid: int, mapping: Mapping, procfs: str) -> int:
     if mapping.path.endswith(DELETED_SUFFIX):
         candidates.append(mapping.path[: -len(DELETED_SUFFIX)])
     for path in candidates:
+        # O_PATH opens nothing: a device or FIFO now at the path is checked before any
+        # real open, which for some devices has side effects.
         try:
-            fd = os.open(f"{procfs}/{pid}/root{path}", OPEN_FLAGS)
+            path_fd = os.open(f"{procfs}/{pid}/root{path}", os.O_PATH | os.O_CLOEXEC)
         except OSError:
             continue
-        if file_key(os.fstat(fd)) == (mapping.dev, mapping.inode):
-            return fd
-        os.close(fd)
+        try:
+            st = os.fstat(path_fd)
+            if stat.S_ISREG(st.st_mode) and file_key(st) == (mapping.dev, mapping.inode):
+                return os.open(f"/proc/self/fd/{path_fd}", OPEN_FLAGS)
+        except OSError:
+            continue
+        finally:
+            os.close(path_fd)
     raise FileSkipped("no map_files access and the path names another file now (deleted or replaced)")

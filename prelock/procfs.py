@@ -102,7 +102,9 @@ def parse_maps(data: bytes) -> list[Mapping]:
     six fields. The kernel escapes only a newline in a path, as \\012.
     """
     mappings = []
-    for line in data.splitlines():
+    # Split at newlines only: the kernel escapes a newline in a path but not a '\r',
+    # which bytes.splitlines() would also split at.
+    for line in data.split(b"\n"):
         fields = line.split(None, 5)
         if len(fields) < 5:
             continue
@@ -143,7 +145,7 @@ def parse_stat(data: bytes) -> Stat:
 def parse_status(data: bytes) -> dict[str, str]:
     """Parse /proc/PID/status into a dict of key to the raw value text."""
     status = {}
-    for line in data.splitlines():
+    for line in data.split(b"\n"):
         key, sep, value = line.partition(b":")
         if sep:
             status[key.decode("ascii", "replace")] = os.fsdecode(value.strip())
@@ -153,7 +155,7 @@ def parse_status(data: bytes) -> dict[str, str]:
 def parse_cgroup(data: bytes) -> list[CgroupEntry]:
     """Parse /proc/PID/cgroup (v1 lines, the v2 line '0::/path', or both)."""
     entries = []
-    for line in data.splitlines():
+    for line in data.split(b"\n"):
         hierarchy, _, rest = line.partition(b":")
         controllers, _, path = rest.partition(b":")
         if not hierarchy.isdigit():
@@ -225,8 +227,9 @@ def _read_maps_file(pid: int, name: str, procfs: str) -> list[Mapping]:
         # thread exited) while the /proc entry is open, which the maps text reads as empty.
         if exc.errno == errno.ESRCH:
             return []
-        # A fixture tree or another filesystem mounted as the procfs root has plain files.
-        if exc.errno == errno.ENOTTY:
+        # A fixture tree has plain files, and the ioctl's name buffer holds at most
+        # PATH_MAX bytes while the text has the whole path.
+        if exc.errno in (errno.ENOTTY, errno.ENAMETOOLONG):
             return parse_maps(_read(pid, name, procfs))
         raise translate_proc_error(exc, pid, path) from exc
     finally:
@@ -286,9 +289,17 @@ def read_exe(pid: int, procfs: str = "/proc") -> str | None:
     try:
         return os.readlink(path)
     except FileNotFoundError:
-        # A kernel thread or zombie has no exe link while its /proc directory remains.
-        if os.path.exists(f"{procfs}/{pid}"):
-            return None
-        raise ProcessGone(pid) from None
+        pass
     except OSError as exc:
         raise translate_proc_error(exc, pid, path) from exc
+
+    # A kernel thread or zombie has no exe link while its /proc directory remains, and
+    # neither has a process whose main thread exited, but its live threads do.
+    for tid in _live_threads(pid, procfs):
+        try:
+            return os.readlink(f"{procfs}/{pid}/task/{tid}/exe")
+        except OSError:
+            continue
+    if os.path.exists(f"{procfs}/{pid}"):
+        return None
+    raise ProcessGone(pid)
