@@ -12,13 +12,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prelock import native, privilege
+from prelock import native, privilege, snapshot
 from prelock.config import Config, load_config
 from prelock.errors import ConfigError, PrivilegeError
 from prelock.files import FileKey
 from prelock.locker import Locker
-from prelock.plan import TIERS, Plan
-from prelock.scan import ScanResult, scan_and_plan
+from prelock.plan import TIERS, MemoryState, Plan, budget_bytes
+from prelock.scan import ScanResult, own_cgroup_limit_bytes, scan_and_plan
+from prelock.sysmem import read_meminfo
 from prelock.units import format_size
 
 log = logging.getLogger("prelock.daemon")
@@ -52,6 +53,7 @@ class Daemon:
     started_at: float = field(default_factory=time.time)
     metrics: object | None = None
     last_summary: CycleSummary | None = None
+    _snapshot_signature: tuple = ()
 
     def cycle(self) -> CycleSummary:
         """Scan, plan, release what left the plan, then lock what is new in it."""
@@ -130,6 +132,35 @@ class Daemon:
                  format_size(self.locker.total_locked_bytes()), format_size(summary.plan.budget_bytes),
                  sum(summary.plan.targets.values()), summary.locked_new, summary.grown, summary.released,
                  summary.skipped, summary.duration_s)
+
+    def restore_snapshot(self) -> None:
+        """Lock the unchanged files of the last snapshot before the first scan."""
+        planned = snapshot.planned_files(snapshot.read_snapshot(self.config.state_dir))
+        if not planned:
+            return
+        meminfo = read_meminfo(self.proc_root)
+        memory = MemoryState(meminfo["MemTotal"], meminfo.get("MemAvailable", 0),
+                             cgroup_limit_bytes=own_cgroup_limit_bytes())
+        self.locker.apply(planned, budget_bytes(self.config, memory))
+        # Restored files wait up to lock.linger for their targets to start.
+        now = time.monotonic()
+        for key in self.locker.held:
+            self.last_mapped[key] = now
+        log.info("restored from snapshot: files=%d/%d size=%s", len(self.locker.held), len(planned),
+                 format_size(self.locker.total_locked_bytes()))
+
+    def write_snapshot(self) -> None:
+        """Persist the held set when it changed since the last write."""
+        signature = tuple(sorted((key, held.extents) for key, held in self.locker.held.items()))
+        if signature == self._snapshot_signature:
+            return
+        entries = [e for e in map(snapshot.entry_for_held, self.locker.held.values()) if e is not None]
+        try:
+            snapshot.write_snapshot(self.config.state_dir, entries)
+        except OSError as exc:
+            self._warn("snapshot", str(self.config.state_dir), f"cannot write the snapshot: {exc.strerror}")
+            return
+        self._snapshot_signature = signature
 
     def status_record(self) -> dict:
         """Return what the daemon holds now, for the status file and `prelock status`."""
@@ -264,6 +295,7 @@ def _loop(daemon: Daemon, pending: list[int], wake: socket.socket, max_cycles: i
         if time.monotonic() >= next_cycle:
             daemon.cycle()
             daemon.write_status()
+            daemon.write_snapshot()
             if daemon.metrics is not None:
                 daemon.metrics.update(daemon)
             if daemon.cycles == 1:

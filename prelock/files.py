@@ -60,6 +60,14 @@ def path_skip_reason(mapping: Mapping) -> str | None:
     return None
 
 
+def open_file_by_path(path: str, key: FileKey) -> OpenedFile:
+    """Open the regular file at path only if it still has key; the caller closes fd."""
+    fd = _open_if_key(path, key)
+    if fd is None:
+        raise FileSkipped("the path names another file now, or none")
+    return _checked(fd, "path")
+
+
 def open_mapped_file(pid: int, mapping: Mapping, procfs: str = "/proc") -> OpenedFile:
     """Open the regular file behind mapping in pid; the caller closes fd.
 
@@ -67,6 +75,10 @@ def open_mapped_file(pid: int, mapping: Mapping, procfs: str = "/proc") -> Opene
     disk-backed filesystem, or when neither route can reach it.
     """
     fd, via = _open_either_route(pid, mapping, procfs)
+    return _checked(fd, via)
+
+
+def _checked(fd: int, via: str) -> OpenedFile:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -96,18 +108,26 @@ def _open_via_root(pid: int, mapping: Mapping, procfs: str) -> int:
     if mapping.path.endswith(DELETED_SUFFIX):
         candidates.append(mapping.path[: -len(DELETED_SUFFIX)])
     for path in candidates:
-        # O_PATH opens nothing: a device or FIFO now at the path is checked before any
-        # real open, which for some devices has side effects.
-        try:
-            path_fd = os.open(f"{procfs}/{pid}/root{path}", os.O_PATH | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            st = os.fstat(path_fd)
-            if stat.S_ISREG(st.st_mode) and file_key(st) == (mapping.dev, mapping.inode):
-                return os.open(f"/proc/self/fd/{path_fd}", OPEN_FLAGS)
-        except OSError:
-            continue
-        finally:
-            os.close(path_fd)
+        fd = _open_if_key(f"{procfs}/{pid}/root{path}", (mapping.dev, mapping.inode))
+        if fd is not None:
+            return fd
     raise FileSkipped("no map_files access and the path names another file now (deleted or replaced)")
+
+
+def _open_if_key(path: str, key: FileKey) -> int | None:
+    """Open path for reading if it is a regular file with key, else return None."""
+    # O_PATH opens nothing: a device or FIFO now at the path is checked before any real
+    # open, which for some devices has side effects.
+    try:
+        path_fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(path_fd)
+        if stat.S_ISREG(st.st_mode) and file_key(st) == key:
+            return os.open(f"/proc/self/fd/{path_fd}", OPEN_FLAGS)
+    except OSError:
+        pass
+    finally:
+        os.close(path_fd)
+    return None

@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 from prelock import native
 from prelock.errors import PrelockError
-from prelock.files import FileKey, FileSkipped, OpenedFile, open_mapped_file
+from prelock.files import FileKey, FileSkipped, OpenedFile, open_file_by_path, open_mapped_file
 from prelock.pagemap import present_file_pages, read_pagemap, runs
 from prelock.plan import TIERS, PlannedFile, count_pages, merge_ranges
 from prelock.units import format_size
@@ -300,7 +300,10 @@ class Locker:
         reason = "no process maps the file any more"
         for source in planned.sources:
             try:
-                opened = open_mapped_file(source.pid, source.mapping, self._procfs)
+                if source.mapping is None:
+                    opened = open_file_by_path(source.path, planned.key)
+                else:
+                    opened = open_mapped_file(source.pid, source.mapping, self._procfs)
             except FileSkipped as exc:
                 reason = str(exc)
                 continue

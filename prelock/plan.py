@@ -23,10 +23,12 @@ TIERS = ("critical", "others")
 
 @dataclass(frozen=True)
 class FileSource:
-    """One way to open the file again: a process that maps it, and the mapping."""
+    """One way to open the file again: a process that maps it and the mapping, or, for
+    a file restored from the snapshot, a path whose file must still have the key."""
 
     pid: int
-    mapping: Mapping
+    mapping: Mapping | None
+    path: str | None = None
 
 
 @dataclass(frozen=True)

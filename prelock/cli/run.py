@@ -19,8 +19,10 @@ log = logging.getLogger("prelock.daemon")
 @click.option("--cycles", type=click.IntRange(min=1), default=None,
               help="Stop after this many cycles (default: run until SIGTERM).")
 @click.option("--proc-root", default="/proc", show_default=True, help="procfs to read.")
+@click.option("--restore/--no-restore", default=True, show_default=True,
+              help="Lock the unchanged files of the last snapshot in state_dir before the first scan.")
 @click.pass_context
-def run(ctx: click.Context, config_path: str | None, cycles: int | None, proc_root: str) -> None:
+def run(ctx: click.Context, config_path: str | None, cycles: int | None, proc_root: str, restore: bool) -> None:
     """Lock the code pages of the configured processes and follow them.
 
     SIGHUP reloads the config (an invalid one is reported and the running one kept);
@@ -38,4 +40,6 @@ def run(ctx: click.Context, config_path: str | None, cycles: int | None, proc_ro
         daemon.metrics = Metrics(config.metrics.listen)
     log.info("starting: config=%s mode=%s budget=%s interval=%.0fs", config.source, config.lock.mode,
              config.lock.budget, config.scan.interval_s)
+    if restore:
+        daemon.restore_snapshot()
     daemon_module.run(daemon, max_cycles=cycles)
