@@ -23,7 +23,8 @@ from prelock.units import format_size
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--mode", type=click.Choice(["working-set", "mapped", "whole-file"]), default=None,
               help="Override lock.mode for this plan.")
-@click.option("--proc-root", default="/proc", show_default=True, help="procfs to read.")
+@click.option("--procfs-root", "proc_root", default="/proc", show_default=True,
+              help="Where procfs is mounted (a host /proc bind-mounted into a container, say).")
 @click.option("--limit", "row_limit", type=int, default=50, show_default=True,
               help="Rows of files to print in the table (0 for all); totals always cover every file.")
 def plan(config_path: str | None, as_json: bool, mode: str | None, proc_root: str, row_limit: int) -> None:

@@ -18,7 +18,8 @@ log = logging.getLogger("prelock.daemon")
               help="Config file (default: /etc/prelock/prelock.yaml, else built-in defaults).")
 @click.option("--cycles", type=click.IntRange(min=1), default=None,
               help="Stop after this many cycles (default: run until SIGTERM).")
-@click.option("--proc-root", default="/proc", show_default=True, help="procfs to read.")
+@click.option("--procfs-root", "proc_root", default="/proc", show_default=True,
+              help="Where procfs is mounted (a host /proc bind-mounted into a container, say).")
 @click.option("--restore/--no-restore", default=True, show_default=True,
               help="Lock the unchanged files of the last snapshot in state_dir before the first scan.")
 @click.pass_context
