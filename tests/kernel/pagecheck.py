@@ -57,6 +57,17 @@ def present_code_pages(pids: list[int]) -> dict[tuple[int, int], set[int]]:
     return pages
 
 
+def count_mlocked(pfns: list[int]) -> int:
+    """Return how many of pfns have PG_mlocked set in /proc/kpageflags."""
+    locked = 0
+    with open("/proc/kpageflags", "rb") as f:
+        for pfn in pfns:
+            f.seek(pfn * 8)
+            (flags,) = struct.unpack("Q", f.read(8))
+            locked += bool(flags & KPF_MLOCKED)
+    return locked
+
+
 def mlocked_counts(pids: list[int]) -> tuple[int, int]:
     """Return (mlocked, present) counts over the present file-backed code pages of pids.
 
@@ -68,13 +79,7 @@ def mlocked_counts(pids: list[int]) -> tuple[int, int]:
             for entry in pagemap_entries(pid, start, end):
                 if entry & PRESENT and entry & FILE_PAGE and entry & PFN_MASK:
                     pfns.append(entry & PFN_MASK)
-    locked = 0
-    with open("/proc/kpageflags", "rb") as f:
-        for pfn in pfns:
-            f.seek(pfn * 8)
-            (flags,) = struct.unpack("Q", f.read(8))
-            locked += bool(flags & KPF_MLOCKED)
-    return locked, len(pfns)
+    return count_mlocked(pfns), len(pfns)
 
 
 def file_pages_mlocked(path: str, holder_pid: int) -> tuple[int, int]:
@@ -90,10 +95,4 @@ def file_pages_mlocked(path: str, holder_pid: int) -> tuple[int, int]:
                 for entry in pagemap_entries(holder_pid, start, end):
                     if entry & PRESENT and entry & PFN_MASK:
                         pfns.append(entry & PFN_MASK)
-    locked = 0
-    with open("/proc/kpageflags", "rb") as f:
-        for pfn in pfns:
-            f.seek(pfn * 8)
-            (flags,) = struct.unpack("Q", f.read(8))
-            locked += bool(flags & KPF_MLOCKED)
-    return locked, len(pfns)
+    return count_mlocked(pfns), len(pfns)

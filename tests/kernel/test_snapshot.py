@@ -61,13 +61,7 @@ def wait_for_status(work: Path, process: subprocess.Popen) -> dict:
 
 def mlocked_pages(daemon_pid: int, held: dict) -> int:
     entries = pagecheck.pagemap_entries(daemon_pid, held["address"], held["address"] + held["length_bytes"])
-    pfns = [entry & pagecheck.PFN_MASK for entry in entries if entry & pagecheck.PRESENT]
-    locked = 0
-    with open("/proc/kpageflags", "rb") as f:
-        for pfn in pfns:
-            f.seek(pfn * 8)
-            locked += bool(int.from_bytes(f.read(8), "little") & pagecheck.KPF_MLOCKED)
-    return locked
+    return pagecheck.count_mlocked([entry & pagecheck.PFN_MASK for entry in entries if entry & pagecheck.PRESENT])
 
 
 def first_run(work: Path, map_file_program: Path, data: Path) -> None:
