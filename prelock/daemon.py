@@ -195,7 +195,9 @@ class Daemon:
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
+            # One line per problem, because journald stores each line as its own entry.
+            for problem in getattr(exc, "problems", None) or [exc]:
+                log.error("reload failed, keeping the running config: %s", problem)
             return
         self.config = config
         self.warned.clear()
@@ -206,8 +208,17 @@ _ROUTINE_SKIPS = {"not a file mapping", "in-memory or device file", "on tmpfs", 
 
 
 def _held_file_unlinked(addr: int, length_bytes: int) -> bool:
+    link = f"/proc/self/map_files/{addr:x}-{addr + length_bytes:x}"
     try:
-        return os.stat(f"/proc/self/map_files/{addr:x}-{addr + length_bytes:x}").st_nlink == 0
+        return os.stat(link).st_nlink == 0
+    except PermissionError:
+        # Following map_files links needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE, but
+        # reading the link does not, and the kernel marks an unlinked file in it.
+        pass
+    except OSError:
+        return False
+    try:
+        return os.readlink(link).endswith(" (deleted)")
     except OSError:
         return False
 

@@ -194,22 +194,29 @@ def _read(pid: int, name: str, procfs: str) -> bytes:
 
 
 def read_maps(pid: int, procfs: str = "/proc") -> list[Mapping]:
-    """Read the mappings of pid, through PROCMAP_QUERY where the kernel has it.
+    """Read the mappings of pid, through PROCMAP_QUERY where the kernel has it."""
+    return read_task_maps(pid, procfs)[1]
+
+
+def read_task_maps(pid: int, procfs: str = "/proc") -> tuple[int, list[Mapping]]:
+    """Read the mappings of pid, and return them with the id to use under procfs for them.
 
     Zombies and kernel threads have no mappings. A process whose main thread exited
-    while other threads run also reads as empty, so fall back to a live thread's maps.
+    while other threads run also reads as empty, and so do its pagemap and map_files,
+    so fall back to a live thread: /proc/TID works for any thread id although readdir
+    of /proc lists only process ids.
     """
     mappings = _read_maps_file(pid, "maps", procfs)
     if mappings:
-        return mappings
+        return pid, mappings
     for tid in _live_threads(pid, procfs):
         try:
             mappings = _read_maps_file(pid, f"task/{tid}/maps", procfs)
         except ProcessGone:
             continue
         if mappings:
-            return mappings
-    return []
+            return tid, mappings
+    return pid, []
 
 
 def _read_maps_file(pid: int, name: str, procfs: str) -> list[Mapping]:

@@ -78,15 +78,17 @@ def collect(targets: list[Target], config: Config, proc_root: str = "/proc") -> 
 
 def _collect_process(target: Target, config: Config, proc_root: str, result: ScanResult,
                      resolved: dict[tuple[int, int], FileKey | None]) -> None:
-    mappings = [m for m in procfs.read_maps(target.pid, proc_root) if _wanted(m, config)]
+    # task_id is the pid, or a live thread's id once the main thread has exited.
+    task_id, all_mappings = procfs.read_task_maps(target.pid, proc_root)
+    mappings = [m for m in all_mappings if _wanted(m, config)]
     if not mappings:
         return
-    pagemap_fd = pagemap.open_pagemap(target.pid, proc_root)
+    pagemap_fd = pagemap.open_pagemap(task_id, proc_root)
     try:
         for mapping in mappings:
-            usage = _usage_for(target, mapping, proc_root, result, resolved)
+            usage = _usage_for(target, task_id, mapping, proc_root, result, resolved)
             if usage is not None:
-                _add_mapping(usage, target, mapping, pagemap_fd)
+                _add_mapping(usage, target, task_id, mapping, pagemap_fd)
     finally:
         os.close(pagemap_fd)
 
@@ -104,7 +106,7 @@ def path_selected(path: str, include: tuple[re.Pattern, ...], exclude: tuple[re.
     return not any(p.search(path) for p in exclude)
 
 
-def _usage_for(target: Target, mapping: Mapping, proc_root: str, result: ScanResult,
+def _usage_for(target: Target, task_id: int, mapping: Mapping, proc_root: str, result: ScanResult,
                resolved: dict[tuple[int, int], FileKey | None]) -> FileUsage | None:
     maps_key = (mapping.dev, mapping.inode)
     if maps_key in resolved:
@@ -112,7 +114,7 @@ def _usage_for(target: Target, mapping: Mapping, proc_root: str, result: ScanRes
         return None if key is None else result.files[key]
 
     try:
-        opened = open_mapped_file(target.pid, mapping, proc_root)
+        opened = open_mapped_file(task_id, mapping, proc_root)
     except FileSkipped as exc:
         if str(exc) != "mapping gone":
             resolved[maps_key] = None
@@ -129,13 +131,13 @@ def _usage_for(target: Target, mapping: Mapping, proc_root: str, result: ScanRes
     return usage
 
 
-def _add_mapping(usage: FileUsage, target: Target, mapping: Mapping, pagemap_fd: int) -> None:
+def _add_mapping(usage: FileUsage, target: Target, task_id: int, mapping: Mapping, pagemap_fd: int) -> None:
     if target.tier == "critical":
         usage.tier = "critical"
     usage.executable = usage.executable or mapping.executable
     usage.owners.setdefault(target.pid, target.comm)
-    if len(usage.sources) < MAX_SOURCES and all(s.pid != target.pid for s in usage.sources):
-        usage.sources.append(FileSource(target.pid, mapping))
+    if len(usage.sources) < MAX_SOURCES and all(s.pid != task_id for s in usage.sources):
+        usage.sources.append(FileSource(task_id, mapping))
 
     first_page = mapping.offset // PAGE_SIZE
     # Pages wholly beyond the end of the file cannot be populated (SIGBUS territory).
