@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import daemonproc
 import pagecheck
+import procs
 
 pytestmark = pytest.mark.root
 
 PRELOCK = [sys.executable, "-m", "prelock.cli"]
 
 
-def write_config(tmp_path: Path, mode: str = "working-set") -> Path:
-    config = tmp_path / "prelock.yaml"
+@pytest.fixture
+def servers() -> Iterator[tuple[procs.SshdProcess, procs.ContainerdProcess, Path]]:
+    """Copies of the real sshd and containerd, started from a work directory.
+
+    The test config selects them by that directory, so an sshd or containerd that
+    already runs on the machine never joins the plan.
+    """
+    with daemonproc.work_dir() as work:
+        for exe in (procs.SSHD_EXE, procs.CONTAINERD_EXE):
+            procs.require_executable(exe, "openssh-server" if exe == procs.SSHD_EXE else "containerd")
+            shutil.copy2(exe, work / "bin" / exe.name)
+        # A unix socket path is limited to 107 bytes, so containerd gets a short directory.
+        with tempfile.TemporaryDirectory(prefix="prelock-ctrd-") as containerd_dir, \
+                procs.run_sshd(work, exe=work / "bin" / "sshd") as sshd, \
+                procs.run_containerd(Path(containerd_dir), exe=work / "bin" / "containerd") as containerd:
+            yield sshd, containerd, work
+
+
+def write_config(work: Path, mode: str = "working-set") -> Path:
+    config = work / f"prelock-{mode}.yaml"
     config.write_text(
         "critical:\n"
-        "  names: [sshd, containerd]\n"
+        "  names: []\n"
+        f"  exe: ['{work}/bin/*']\n"
         "others: false\n"
         f"lock:\n  mode: {mode}\n  budget: 50%\n  min_available: 1%\n"
-        f"state_dir: {tmp_path / 'state'}\n"
+        f"state_dir: {work / 'state'}\n"
     )
     return config
 
@@ -39,8 +63,9 @@ def planned_pids(plan: dict) -> set[int]:
     return {p["pid"] for f in plan["files"] for p in f["processes"]}
 
 
-def test_plan_lists_sshd_and_containerd_files(sshd, containerd, tmp_path):
-    plan = run_plan(write_config(tmp_path))
+def test_plan_lists_sshd_and_containerd_files(servers):
+    sshd, containerd, work = servers
+    plan = run_plan(write_config(work))
     critical_paths = {f["path"] for f in plan["files"] if f["tier"] == "critical"}
     assert str(sshd.exe) in critical_paths
     assert str(containerd.exe) in critical_paths
@@ -48,11 +73,10 @@ def test_plan_lists_sshd_and_containerd_files(sshd, containerd, tmp_path):
     assert {sshd.pid, containerd.pid} <= planned_pids(plan)
 
 
-def test_plan_working_set_equals_pagemap(sshd, containerd, tmp_path):
-    config = write_config(tmp_path)
+def test_plan_working_set_equals_pagemap(servers):
+    sshd, containerd, work = servers
+    config = write_config(work)
     pids = [sshd.pid, containerd.pid]
-    # Other processes named sshd or containerd on the machine would join the plan, so the
-    # independent count covers exactly the pids the plan lists.
     before = pagecheck.present_code_pages(pids)
     plan = run_plan(config)
     after = pagecheck.present_code_pages(sorted(planned_pids(plan)))
@@ -67,9 +91,10 @@ def test_plan_working_set_equals_pagemap(sshd, containerd, tmp_path):
     assert plan["totals"]["planned_bytes"] == planned_pages * pagecheck.PAGE_SIZE
 
 
-def test_plan_whole_file_is_larger(sshd, containerd, tmp_path):
-    working_set = run_plan(write_config(tmp_path))
-    whole_file = run_plan(write_config(tmp_path, mode="whole-file"))
+def test_plan_whole_file_is_larger(servers):
+    _sshd, _containerd, work = servers
+    working_set = run_plan(write_config(work))
+    whole_file = run_plan(write_config(work, mode="whole-file"))
     assert whole_file["totals"]["planned_bytes"] > working_set["totals"]["planned_bytes"]
     for planned in whole_file["files"]:
         assert planned["pages_planned"] == planned["pages_file"]
