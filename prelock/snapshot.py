@@ -92,6 +92,9 @@ def read_snapshot(state_dir: str | os.PathLike) -> list[SnapshotEntry]:
 
 def unchanged(entry: SnapshotEntry) -> bool:
     """Whether the path still names the same, unmodified file."""
+    # NOTE: paths resolve in the daemon's own mount namespace. In a container that does
+    # not share the host's root, host paths find other files or none, and the identity
+    # check then skips them, so restoring from a snapshot does nothing there.
     try:
         st = os.stat(entry.path)
     except OSError:
