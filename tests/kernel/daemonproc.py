@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,6 @@ import pagecheck
 import procs
 
 PAGE_SIZE = pagecheck.PAGE_SIZE
-KPF_MLOCKED = pagecheck.KPF_MLOCKED
 PFN_MASK = pagecheck.PFN_MASK
 PRESENT = pagecheck.PRESENT
 
@@ -262,13 +260,7 @@ def mlocked_pages(pid: int, start: int, end: int) -> tuple[int, int]:
     """Return (mlocked, present) page counts in pid's address range [start, end)."""
     pfns = [entry & PFN_MASK for entry in pagecheck.pagemap_entries(pid, start, end)
             if entry & PRESENT and entry & PFN_MASK]
-    locked = 0
-    with open("/proc/kpageflags", "rb") as f:
-        for pfn in pfns:
-            f.seek(pfn * 8)
-            (flags,) = struct.unpack("Q", f.read(8))
-            locked += bool(flags & KPF_MLOCKED)
-    return locked, len(pfns)
+    return pagecheck.count_mlocked(pfns), len(pfns)
 
 
 def file_mlocked_pages(pid: int, key: FileKey) -> tuple[int, int]:
