@@ -75,6 +75,22 @@ def memory_controller(mountinfo: str = "/proc/self/mountinfo") -> MemoryControll
         return None
 
 
+def find_memory_controller(sysfs_root: str = "/sys") -> MemoryController | None:
+    """Find the memory controller under <sysfs_root>/fs/cgroup, v1 first.
+
+    A v1 memory hierarchy wins because on a hybrid layout the v2 mount has no memory
+    controller. Only the standard mount points are probed, so fixture trees work.
+    """
+    base = Path(sysfs_root, "fs", "cgroup")
+    if (base / "memory" / "memory.usage_in_bytes").is_file():
+        return MemoryController(1, base / "memory")
+    try:
+        controllers = (base / "cgroup.controllers").read_text().split()
+    except OSError:
+        return None
+    return MemoryController(2, base) if "memory" in controllers else None
+
+
 def parse_flat_keyed(text: str) -> dict[str, int]:
     """Parse 'key value' lines such as memory.stat, memory.events and memory.oom_control."""
     values = {}

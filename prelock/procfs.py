@@ -1,4 +1,4 @@
-"""Parsers and readers for /proc/PID/{maps,stat,status,cgroup,comm,exe}.
+"""Parsers and readers for /proc/PID/{maps,stat,status,cgroup,comm,cmdline,exe}.
 
 Parsers take bytes and return records; readers take a procfs root so tests can point
 them at fixture trees. Readers raise ProcessGone when the process exited and
@@ -179,6 +179,16 @@ def memory_cgroup_path(entries: list[CgroupEntry]) -> str:
     return "/"
 
 
+def parse_cmdline(data: bytes) -> list[str]:
+    """Split /proc/PID/cmdline into arguments, decoded with surrogateescape.
+
+    The arguments are NUL-terminated. Empty arguments are dropped, so an empty file
+    (a kernel thread or a zombie) gives []. A process that rewrote its argv area may
+    show all of it as one argument.
+    """
+    return [os.fsdecode(arg) for arg in data.split(b"\0") if arg]
+
+
 def list_pids(procfs: str = "/proc") -> list[int]:
     """Return the PIDs present in procfs, ascending."""
     return sorted(int(name) for name in os.listdir(procfs) if name.isdigit())
@@ -288,6 +298,10 @@ def read_cgroup(pid: int, procfs: str = "/proc") -> list[CgroupEntry]:
 
 def read_comm(pid: int, procfs: str = "/proc") -> str:
     return os.fsdecode(_read(pid, "comm", procfs).rstrip(b"\n"))
+
+
+def read_cmdline(pid: int, procfs: str = "/proc") -> list[str]:
+    return parse_cmdline(_read(pid, "cmdline", procfs))
 
 
 def read_exe(pid: int, procfs: str = "/proc") -> str | None:

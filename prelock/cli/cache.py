@@ -11,8 +11,8 @@ from typing import Callable
 import click
 
 from prelock import native
-from prelock.cache import (SORT_KEYS, Query, Report, collect, render_json, render_plain_table, render_rich_table,
-                           render_terse)
+from prelock.cache import SORT_KEYS, Query, Report, collect
+from prelock.cache_render import render_json, render_plain_table, render_rich_table, render_terse
 from prelock.errors import PrivilegeError
 from prelock.pagecache import BACKENDS, default_backend
 

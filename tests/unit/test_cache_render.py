@@ -11,10 +11,10 @@ import click
 import pytest
 from rich.console import Console
 
-from prelock.cache import (TABLE_COLUMNS, TERSE_COLUMNS, CacheRecord, ProcessRef, ProcessScan, Query, Report,
-                           Scope, build_scope, parse_vm_locked_kib, printable,
-                           render_json, render_notes, render_plain_table, render_rich_table, render_terse,
+from prelock.cache import (CacheRecord, ProcessRef, ProcessScan, Query, Report, Scope, build_scope, parse_vm_locked_kib,
                            sort_records, sum_row)
+from prelock.cache_render import (TABLE_COLUMNS, TERSE_COLUMNS, printable, render_json, render_notes, render_plain_table,
+                                  render_rich_table, render_terse)
 from prelock.cli.cache import split_interval_args
 
 PAGE_SIZE = 4096
