@@ -7,7 +7,7 @@ import os
 
 import click
 
-from prelock import pagemap
+from prelock import pagemap, procfs
 from prelock.cli.render import print_table
 from prelock.config import load_config
 from prelock.daemon import STATUS_FILE
@@ -53,10 +53,10 @@ def read_status(path: str) -> dict:
 
 
 def _is_running(pid: int) -> bool:
+    """Whether pid is still a prelock process, and not a later process that reused the pid."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"prelock" in f.read()
-    except OSError:
+        return any("prelock" in argument for argument in procfs.read_cmdline(pid))
+    except (ProcessGone, AccessDenied, OSError):
         return False
 
 
