@@ -467,17 +467,17 @@ def build_scope(query: Query, scan: ProcessScan, records: list[CacheRecord], lis
 
     if query.by_process:
         processes = len(scan.comms)
-        parts = [f"files mapped by {processes} {_plural(processes, 'process', 'processes')}"
+        parts = [f"files mapped by {processes} {pluralize(processes, 'process', 'processes')}"
                  f" ({_selection_text(query)})"]
     else:
         processes = len({process.pid for record in records for process in record.processes})
-        parts = [f"{len(records)} {_plural(len(records), 'file', 'files')} from {len(query.paths)} "
-                 f"{_plural(len(query.paths), 'path', 'paths')}; {processes} of {len(scan.comms)} "
+        parts = [f"{len(records)} {pluralize(len(records), 'file', 'files')} from {len(query.paths)} "
+                 f"{pluralize(len(query.paths), 'path', 'paths')}; {processes} of {len(scan.comms)} "
                  f"processes read map them"]
     if scan.skipped:
         skipped = sum(scan.skipped.values())
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(scan.skipped.items()))
-        parts.append(f"{skipped} {_plural(skipped, 'process', 'processes')} not read: {reasons}")
+        parts.append(f"{skipped} {pluralize(skipped, 'process', 'processes')} not read: {reasons}")
     if len(listed) < len(records):
         parts.append(f"top {len(listed)} of {len(records)} files")
     parts.append(_cached_share_text(listed_cached_bytes, all_cached_bytes, len(records) - len(listed),
@@ -488,7 +488,7 @@ def build_scope(query: Query, scan: ProcessScan, records: list[CacheRecord], lis
 
 def _selection_text(query: Query) -> str:
     if query.pids:
-        return f"{_plural(len(query.pids), 'PID', 'PIDs')} {', '.join(str(pid) for pid in query.pids)}"
+        return f"{pluralize(len(query.pids), 'PID', 'PIDs')} {', '.join(str(pid) for pid in query.pids)}"
     if query.cgroup_regex is not None:
         return f"memory cgroup matches {query.cgroup_regex.pattern!r}"
     return "all processes"
@@ -510,7 +510,7 @@ def _cached_share_text(listed_bytes: int, all_bytes: int, unlisted_files: int,
     return text
 
 
-def _plural(count: int, singular: str, plural: str) -> str:
+def pluralize(count: int, singular: str, plural: str) -> str:
     return singular if count == 1 else plural
 
 

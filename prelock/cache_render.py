@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict
 
-from prelock.cache import CacheRecord, ProcessRef, Report, SumRow, _plural
+from prelock.cache import CacheRecord, ProcessRef, Report, SumRow, pluralize
 from prelock.units import format_size
 
 TABLE_COLUMNS = ("Name", "Size", "Pages", "Cached", "Percent", "Locked", "Dirty", "Evicted", "Recent", "Processes")
@@ -77,7 +77,7 @@ def _sum_cells(total: SumRow, human: bool) -> list[str]:
         _count(total.dirty_pages),
         _count(total.evicted_pages),
         _count(total.recently_evicted_pages),
-        f"{total.processes} {_plural(total.processes, 'process', 'processes')}",
+        f"{total.processes} {pluralize(total.processes, 'process', 'processes')}",
     ]
 
 
@@ -165,7 +165,7 @@ def render_notes(report: Report, max_names: int = 3) -> list[str]:
     lines = []
     for reason, paths in by_reason.items():
         names = ", ".join(paths[:max_names]) + (", ..." if len(paths) > max_names else "")
-        lines.append(f"{len(paths)} {_plural(len(paths), 'file', 'files')} not measured ({reason}): {names}")
+        lines.append(f"{len(paths)} {pluralize(len(paths), 'file', 'files')} not measured ({reason}): {names}")
     return lines
 
 

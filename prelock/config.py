@@ -321,9 +321,9 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     """
     # config_validate imports this module's dataclasses when it loads, so importing it at
     # the top of this module would be circular.
-    from prelock.config_validate import _Validator
+    from prelock.config_validate import Validator
 
-    validator = _Validator(source)
+    validator = Validator(source)
     root = validator.compose(text)
     config = Config(source=source)
     if root is not None:

@@ -1,6 +1,6 @@
 """The YAML node validator behind prelock.config.parse_config, and its converters.
 
-_Validator works on composed YAML nodes rather than loaded values, so a problem can name
+Validator works on composed YAML nodes rather than loaded values, so a problem can name
 the line of the node at fault. It records each problem and goes on, so one pass over a
 file finds all of them.
 """
@@ -30,10 +30,10 @@ _INVALID = object()
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STR_TAG = "tag:yaml.org,2002:str"
 
-Converter = Callable[["_Validator", yaml.Node, str], object]
+Converter = Callable[["Validator", yaml.Node, str], object]
 
 
-class _Validator:
+class Validator:
     """Converter from a composed YAML node tree to settings that records every problem found."""
 
     def __init__(self, source: str):
@@ -142,13 +142,13 @@ class _Validator:
 # --- converters: each returns the converted value, or _INVALID after reporting --------
 
 
-def _to_scalar(v: _Validator, node: yaml.Node, key: str, expected: str) -> object:
+def _to_scalar(v: Validator, node: yaml.Node, key: str, expected: str) -> object:
     if not isinstance(node, yaml.ScalarNode) or node.tag == _NULL_TAG:
         return v.report(node, key, "invalid value", expected)
     return v.scalar(node, key)
 
 
-def _to_string(v: _Validator, node: yaml.Node, key: str, expected: str) -> object:
+def _to_string(v: Validator, node: yaml.Node, key: str, expected: str) -> object:
     value = _to_scalar(v, node, key, expected)
     if value is _INVALID:
         return _INVALID
@@ -157,7 +157,7 @@ def _to_string(v: _Validator, node: yaml.Node, key: str, expected: str) -> objec
     return value
 
 
-def _to_bool(v: _Validator, node: yaml.Node, key: str) -> object:
+def _to_bool(v: Validator, node: yaml.Node, key: str) -> object:
     value = _to_scalar(v, node, key, "true or false")
     if value is _INVALID:
         return _INVALID
@@ -169,7 +169,7 @@ def _to_bool(v: _Validator, node: yaml.Node, key: str) -> object:
 def _choice(options: tuple[str, ...]) -> Converter:
     expected = "one of " + ", ".join(options)
 
-    def convert(v: _Validator, node: yaml.Node, key: str) -> object:
+    def convert(v: Validator, node: yaml.Node, key: str) -> object:
         value = _to_string(v, node, key, expected)
         if value is _INVALID:
             return _INVALID
@@ -180,11 +180,11 @@ def _choice(options: tuple[str, ...]) -> Converter:
     return convert
 
 
-def _string_list(check_item: Callable[[_Validator, yaml.Node, str, str], object], item_expected: str,
+def _string_list(check_item: Callable[[Validator, yaml.Node, str, str], object], item_expected: str,
                  example: str) -> Converter:
     """Return a converter for a list of strings that check_item converts or reports."""
 
-    def convert(v: _Validator, node: yaml.Node, key: str) -> object:
+    def convert(v: Validator, node: yaml.Node, key: str) -> object:
         if not isinstance(node, yaml.SequenceNode):
             return v.report(node, key, "not a list", f"a list such as {example}, or [] for none")
         items = []
@@ -203,7 +203,7 @@ def _string_list(check_item: Callable[[_Validator, yaml.Node, str, str], object]
     return convert
 
 
-def _check_name(v: _Validator, node: yaml.Node, key: str, name: str) -> object:
+def _check_name(v: Validator, node: yaml.Node, key: str, name: str) -> object:
     expected = _NAME
     if not name.strip():
         return v.report(node, key, "empty name", expected)
@@ -213,14 +213,14 @@ def _check_name(v: _Validator, node: yaml.Node, key: str, name: str) -> object:
     return name
 
 
-def _check_exe_glob(v: _Validator, node: yaml.Node, key: str, glob: str) -> object:
+def _check_exe_glob(v: Validator, node: yaml.Node, key: str, glob: str) -> object:
     # Executable paths are absolute, so a glob that starts with neither '/' nor '*' never matches.
     if not glob.startswith(("/", "*")):
         return v.report(node, key, "not an absolute path glob", _EXE_GLOB + " or /opt/*/bin/*")
     return glob
 
 
-def _check_regex(v: _Validator, node: yaml.Node, key: str, pattern: str) -> object:
+def _check_regex(v: Validator, node: yaml.Node, key: str, pattern: str) -> object:
     if not pattern:
         return v.report(node, key, "empty regex, which matches everything", "a non-empty regular expression")
     try:
@@ -230,7 +230,7 @@ def _check_regex(v: _Validator, node: yaml.Node, key: str, pattern: str) -> obje
                         "a Python regular expression (re module syntax)")
 
 
-def _parse_size_value(v: _Validator, node: yaml.Node, key: str, allow_percent: bool) -> object:
+def _parse_size_value(v: Validator, node: yaml.Node, key: str, allow_percent: bool) -> object:
     """Convert '4GiB', '10%' (when allowed) or an integer byte count into a Size."""
     if allow_percent:
         expected = "a percentage of MemTotal such as 10%, or a size such as 512MiB (units KiB, MiB, GiB, TiB)"
@@ -260,7 +260,7 @@ def _parse_size_value(v: _Validator, node: yaml.Node, key: str, allow_percent: b
     return Size(size_bytes=value)
 
 
-def _to_budget(v: _Validator, node: yaml.Node, key: str) -> object:
+def _to_budget(v: Validator, node: yaml.Node, key: str) -> object:
     size = _parse_size_value(v, node, key, allow_percent=True)
     if size is _INVALID:
         return _INVALID
@@ -271,7 +271,7 @@ def _to_budget(v: _Validator, node: yaml.Node, key: str) -> object:
     return size
 
 
-def _to_min_available(v: _Validator, node: yaml.Node, key: str) -> object:
+def _to_min_available(v: Validator, node: yaml.Node, key: str) -> object:
     size = _parse_size_value(v, node, key, allow_percent=True)
     if size is _INVALID:
         return _INVALID
@@ -280,7 +280,7 @@ def _to_min_available(v: _Validator, node: yaml.Node, key: str) -> object:
     return size
 
 
-def _to_file_size(v: _Validator, node: yaml.Node, key: str) -> object:
+def _to_file_size(v: Validator, node: yaml.Node, key: str) -> object:
     size = _parse_size_value(v, node, key, allow_percent=False)
     if size is _INVALID:
         return _INVALID
@@ -293,7 +293,7 @@ def _duration(min_s: float) -> Converter:
     expected = (f"a duration from {min_s:g}s to {MAX_DURATION_S / 3600:g}h"
                 " with a unit: ms, s, m or h (such as 60s or 10m)")
 
-    def convert(v: _Validator, node: yaml.Node, key: str) -> object:
+    def convert(v: Validator, node: yaml.Node, key: str) -> object:
         value = _to_scalar(v, node, key, expected)
         if value is _INVALID:
             return _INVALID
@@ -316,7 +316,7 @@ _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
-def _to_listen(v: _Validator, node: yaml.Node, key: str) -> object:
+def _to_listen(v: Validator, node: yaml.Node, key: str) -> object:
     expected = "host:port such as 127.0.0.1:9464, [::1]:9464 or :9464 (port 1-65535), or \"\" for off"
     if isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG:
         return None
@@ -346,7 +346,7 @@ def _is_valid_host(host: str) -> bool:
     return ":" not in host and _HOSTNAME_RE.fullmatch(host) is not None
 
 
-def _to_state_dir(v: _Validator, node: yaml.Node, key: str) -> object:
+def _to_state_dir(v: Validator, node: yaml.Node, key: str) -> object:
     expected = "an absolute directory path such as /var/lib/prelock"
     value = _to_string(v, node, key, expected)
     if value is _INVALID:
@@ -357,7 +357,7 @@ def _to_state_dir(v: _Validator, node: yaml.Node, key: str) -> object:
 
 
 def _section(cls: type, fields: dict[str, tuple[str, Converter]]) -> Converter:
-    def convert(v: _Validator, node: yaml.Node, key: str) -> object:
+    def convert(v: Validator, node: yaml.Node, key: str) -> object:
         return v.build_section(node, key, cls, fields)
 
     return convert

@@ -23,7 +23,6 @@ from prelock.doctor_node import (STATE_DIRS, CgroupState, CgroupUsage, KubeletSt
                                  inspect_kubelet, inspect_protection, is_prelock_run, kubelet_settings, measure_file,
                                  read_cgroups, read_status_files, scan_processes)
 from prelock.doctor_snapshot import Rates, Snapshot, Source, compute_rates, read_snapshot, sample_rates
-from prelock.doctor_snapshot import _attempt  # noqa: F401 (re-exported for the tests)
 from prelock.doctor_verdict import (HEALTHY, SEVERITY, THRASHING, THRASHING_RISK, UNDER_PRESSURE, UNKNOWN, Rule, Verdict,
                                     judge)
 

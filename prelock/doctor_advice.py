@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from prelock import sysmem
 from prelock.doctor_breakdown import GIB, Breakdown, Holder
 from prelock.doctor_node import CgroupState, Protection
-from prelock.doctor_verdict import THRASHING, THRASHING_RISK, UNDER_PRESSURE, Verdict, _percent
+from prelock.doctor_verdict import THRASHING, THRASHING_RISK, UNDER_PRESSURE, Verdict, percent_of
 
 # Unaccounted memory above this share of MemTotal is worth attributing to a driver.
 DRIVER_MEMORY_FRACTION = 0.10
@@ -81,7 +81,7 @@ def _recommend_prelock(inputs: RecommendationInputs) -> Recommendation | None:
               "instead of reaching the OOM killer.")
     kubelet = protection.kubelet
     if kubelet.cached_bytes is not None and kubelet.size_bytes:
-        reason += (f" kubelet has {_percent(kubelet.cached_bytes, kubelet.size_bytes):.0f} % of its "
+        reason += (f" kubelet has {percent_of(kubelet.cached_bytes, kubelet.size_bytes):.0f} % of its "
                    "executable in the page cache now.")
     return Recommendation(
         "run_prelock", "Lock the code of running programs with prelock", reason,
@@ -177,7 +177,7 @@ def _recommend_driver_memory(inputs: RecommendationInputs) -> Recommendation | N
     if not inputs.driver_memory_suspected or breakdown is None:
         return None
     unaccounted = breakdown.unaccounted_bytes
-    reason = (f"{unaccounted / GIB:.1f} GiB ({_percent(unaccounted, breakdown.total_bytes):.1f} % of MemTotal) "
+    reason = (f"{unaccounted / GIB:.1f} GiB ({percent_of(unaccounted, breakdown.total_bytes):.1f} % of MemTotal) "
               "is in no meminfo category.")
     for holder in inputs.holders:
         if holder.kind == "slab" and holder.estimate_bytes:

@@ -63,7 +63,7 @@ class Snapshot:
 # Reading
 
 
-def _attempt(sources: list[Source], name: str, path: str, read: Callable[[], T]) -> T | None:
+def read_source(sources: list[Source], name: str, path: str, read: Callable[[], T]) -> T | None:
     """Run read() and record the source in sources. Return None for an unreadable or invalid file."""
     try:
         value = read()
@@ -87,28 +87,28 @@ def read_snapshot(procfs_root: str = "/proc", sysfs_root: str = "/sys") -> Snaps
     """Read every system-wide memory file. Files that cannot be used are recorded in sources."""
     snap = Snapshot()
     sources = snap.sources
-    snap.meminfo = _attempt(sources, "meminfo", f"{procfs_root}/meminfo",
-                            lambda: _require_memtotal(sysmem.read_meminfo(procfs_root)))
+    snap.meminfo = read_source(sources, "meminfo", f"{procfs_root}/meminfo",
+                               lambda: _require_memtotal(sysmem.read_meminfo(procfs_root)))
     _read_counters(snap, procfs_root)
-    snap.slabs = _attempt(sources, "slabinfo", f"{procfs_root}/slabinfo", lambda: sysmem.read_slabinfo(procfs_root))
-    snap.modules = _attempt(sources, "modules", f"{procfs_root}/modules", lambda: sysmem.read_modules(procfs_root))
-    snap.swaps = _attempt(sources, "swaps", f"{procfs_root}/swaps", lambda: sysmem.read_swaps(procfs_root))
+    snap.slabs = read_source(sources, "slabinfo", f"{procfs_root}/slabinfo", lambda: sysmem.read_slabinfo(procfs_root))
+    snap.modules = read_source(sources, "modules", f"{procfs_root}/modules", lambda: sysmem.read_modules(procfs_root))
+    snap.swaps = read_source(sources, "swaps", f"{procfs_root}/swaps", lambda: sysmem.read_swaps(procfs_root))
     for name in sysmem.VM_SYSCTLS:
-        value = _attempt(sources, f"vm.{name}", f"{procfs_root}/sys/vm/{name}",
-                         lambda: sysmem.read_vm_sysctl(name, procfs_root))
+        value = read_source(sources, f"vm.{name}", f"{procfs_root}/sys/vm/{name}",
+                            lambda: sysmem.read_vm_sysctl(name, procfs_root))
         if value is not None:
             snap.sysctls[name] = value
-    snap.lru_gen = _attempt(sources, "lru_gen", f"{sysfs_root}/kernel/mm/lru_gen",
-                            lambda: sysmem.read_lru_gen(sysfs_root))
+    snap.lru_gen = read_source(sources, "lru_gen", f"{sysfs_root}/kernel/mm/lru_gen",
+                               lambda: sysmem.read_lru_gen(sysfs_root))
     return snap
 
 
 def _read_counters(snap: Snapshot, procfs_root: str) -> None:
     """Read vmstat and PSI back to back and note when, for the rates."""
-    snap.vmstat = _attempt(snap.sources, "vmstat", f"{procfs_root}/vmstat", lambda: sysmem.read_vmstat(procfs_root))
+    snap.vmstat = read_source(snap.sources, "vmstat", f"{procfs_root}/vmstat", lambda: sysmem.read_vmstat(procfs_root))
     for resource in sysmem.PRESSURE_RESOURCES:
-        pressure = _attempt(snap.sources, f"pressure/{resource}", f"{procfs_root}/pressure/{resource}",
-                            lambda: sysmem.read_pressure(resource, procfs_root))
+        pressure = read_source(snap.sources, f"pressure/{resource}", f"{procfs_root}/pressure/{resource}",
+                               lambda: sysmem.read_pressure(resource, procfs_root))
         if pressure is not None:
             snap.pressure[resource] = pressure
     snap.counters_read_at_s = time.monotonic()

@@ -78,12 +78,13 @@ def _scope_note(state: str, rules: list[Rule], breakdown: Breakdown | None) -> s
         return None
     if any(rule.fired for rule in rules if rule.key in ("available_low", "unaccounted_high", "file_cache_small")):
         return None
-    available_percent = _percent(breakdown.available_bytes, breakdown.total_bytes)
+    available_percent = percent_of(breakdown.available_bytes, breakdown.total_bytes)
     return (f"MemAvailable is {available_percent:.0f} % of MemTotal, so the pressure most likely comes from "
             "memory cgroups reclaiming at their own limits, not from the node running out of memory")
 
 
-def _percent(part: float, whole: float) -> float:
+def percent_of(part: float, whole: float) -> float:
+    """Return part as a percentage of whole, or 0.0 when whole is zero."""
     return part / whole * 100.0 if whole else 0.0
 
 
@@ -99,7 +100,7 @@ def _snapshot_rules(breakdown: Breakdown | None, meminfo: dict[str, int] | None)
     available = breakdown.available_bytes
     available_low = available is not None and available < AVAILABLE_LOW_FRACTION * total
     available_text = ("MemAvailable missing" if available is None
-                      else f"MemAvailable {_format_percent(_percent(available, total))}")
+                      else f"MemAvailable {_format_percent(percent_of(available, total))}")
     available_condition = f"MemAvailable < {AVAILABLE_LOW_FRACTION:.0%} of MemTotal"
 
     rules = [Rule("available_low", UNDER_PRESSURE, available_condition, available_text, available_low)]

@@ -19,13 +19,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+import privdrop
 from prelock import bench, cgroupfs
 from prelock.errors import ConfigError, ExitCode
 
 pytestmark = pytest.mark.root
 
 MiB = 1 << 20
-NOBODY_ID = 65534
 HAS_VMTOUCH = shutil.which("vmtouch") is not None
 SHORT_OPTIONS = ["--limit", "256MiB", "--critical-size", "96MiB", "--hog-size", "48MiB",
                  "--baseline-seconds", "3"]
@@ -39,14 +39,6 @@ def short_settings(directory: Path, modes: tuple[str, ...]) -> bench.ThrashSetti
 def bench_cgroups(controller: cgroupfs.MemoryController, pid: int) -> list[str]:
     directory = controller.directory(bench.parent_cgroup(controller))
     return sorted(name for name in os.listdir(directory) if name.startswith(f"{bench.CGROUP_PREFIX}{pid}-"))
-
-
-@pytest.fixture(scope="module")
-def controller() -> cgroupfs.MemoryController:
-    found = cgroupfs.memory_controller()
-    if found is None:
-        pytest.skip("no memory cgroup controller is mounted (neither v1 memory nor cgroup2 with memory)")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +151,7 @@ def test_cli_rejects_non_root():
     code = ("import os, sys\n"
             "from prelock.cli import main\n"
             "import prelock.cli.bench\n"
-            f"os.setegid({NOBODY_ID}); os.seteuid({NOBODY_ID})\n"
+            f"os.setegid({privdrop.NOBODY_ID}); os.seteuid({privdrop.NOBODY_ID})\n"
             "main(['bench', 'thrash'])\n")
     cli = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
     assert cli.returncode == ExitCode.MISSING_PRIVILEGE, cli.stderr

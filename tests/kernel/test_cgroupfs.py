@@ -24,14 +24,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def controller() -> cgroupfs.MemoryController:
-    found = cgroupfs.memory_controller()
-    if found is None:
-        pytest.skip("no memory cgroup controller is mounted (neither v1 memory nor cgroup2 with memory)")
-    return found
-
-
-@pytest.fixture
 def started() -> Iterator[list[subprocess.Popen]]:
     processes: list[subprocess.Popen] = []
     yield processes

@@ -44,14 +44,6 @@ def work() -> Iterator[Path]:
         yield path
 
 
-@pytest.fixture
-def controller() -> cgroupfs.MemoryController:
-    found = cgroupfs.memory_controller()
-    if found is None:
-        pytest.skip("the memory cgroup controller is not mounted")
-    return found
-
-
 @dataclass(frozen=True)
 class Outcome:
     resident_before_bytes: int

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import stat
 import sys
@@ -36,30 +35,6 @@ signal.pause()
 # there and maps it with the map_file program ($2).
 TMPFS_SCRIPT = ('mount -t tmpfs -o size=1m prelock-test "$1" '
                 '&& head -c 16384 /dev/zero > "$1/data.bin" && exec "$2" -n "$1/data.bin"')
-
-
-def is_memory_fs(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return native.fstatfs_type(fd) in files.MEMORY_FS_MAGICS
-    finally:
-        os.close(fd)
-
-
-@pytest.fixture
-def disk_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on a disk-backed filesystem: tmp_path, or one in /var/tmp if that is tmpfs."""
-    if not is_memory_fs(tmp_path):
-        yield tmp_path
-        return
-    if is_memory_fs(Path("/var/tmp")):
-        pytest.fail(f"{tmp_path} and /var/tmp are both in memory: set TMPDIR to a disk-backed "
-                    "directory to run these tests")
-    work_dir = Path(tempfile.mkdtemp(prefix="prelock-files-", dir="/var/tmp"))
-    try:
-        yield work_dir
-    finally:
-        shutil.rmtree(work_dir)
 
 
 def write_file(path: Path, fill: bytes = b"\x01") -> files.FileKey:
@@ -201,7 +176,7 @@ def test_skip_private_tmpfs(disk_dir: Path, map_file_program: Path):
 
     with procs.spawn(argv, ready_line="ready") as child:
         # The tmpfs exists only in the child's mount namespace.
-        assert not is_memory_fs(mount_dir)
+        assert not os.path.ismount(mount_dir)
         mapping = find_mapping_by_path(child.pid, f"{mount_dir}/data.bin")
         with pytest.raises(files.FileSkipped, match="^on tmpfs$"):
             files.open_mapped_file(child.pid, mapping)

@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import pytest
 
 import procs
 from prelock import native, pagemap, procfs
-from prelock.files import MEMORY_FS_MAGICS
 from prelock.locker import (REASON_KEY_CHANGED, REASON_MEMLOCK, REASON_OVER_BUDGET,
                             REASON_VMA_LIMIT, HeldFile, Locker, read_max_map_count,
                             read_pmd_size)
@@ -40,26 +38,6 @@ if not native.has_populate_read():
 
 
 # --- fixtures and helpers -----------------------------------------------------------
-
-
-@pytest.fixture
-def disk_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on a disk filesystem: locking tmpfs pages would test nothing."""
-    if not _on_memory_fs(tmp_path):
-        yield tmp_path
-        return
-    with tempfile.TemporaryDirectory(prefix="prelock-locker-", dir="/var/tmp") as work_dir:
-        if _on_memory_fs(Path(work_dir)):
-            pytest.fail("neither the pytest tmp_path nor /var/tmp is on a disk filesystem")
-        yield Path(work_dir)
-
-
-def _on_memory_fs(directory: Path) -> bool:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return native.fstatfs_type(fd) in MEMORY_FS_MAGICS
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture(autouse=True)

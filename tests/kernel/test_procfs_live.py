@@ -6,25 +6,22 @@ processes it starts.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import shutil
+import signal
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+import privdrop
 import procs
 from prelock import files, native, pagemap, procfs
 from prelock.errors import AccessDenied, ProcessGone
 
 pytestmark = pytest.mark.root
 
-NOBODY_ID = 65534
 PAGE_SIZE = native.PAGE_SIZE
 EXPECTED_ERRORS = (ProcessGone, AccessDenied)
 OTHER_READERS = (procfs.read_status, procfs.read_cgroup, procfs.read_comm, procfs.read_exe)
@@ -125,33 +122,6 @@ def assert_no_violations(violations: dict[str, list[str]]) -> None:
     assert violations["unexpected"] == [], "errors other than ProcessGone and AccessDenied"
 
 
-def call_as_nobody(func: Callable[[], dict]) -> dict:
-    """Run func as uid and gid 65534 in a forked child and return its JSON-serializable dict."""
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:
-        exit_code = 1
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(NOBODY_ID)
-            os.setuid(NOBODY_ID)
-            with os.fdopen(write_fd, "w") as pipe:
-                json.dump(func(), pipe)
-            exit_code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(exit_code)
-
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        output = pipe.read()
-    _, wait_status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(wait_status) == 0, "unprivileged child failed; see its stderr"
-    return json.loads(output)
-
-
 def test_sweep_as_root():
     result = sweep_all_pids()
     assert_no_violations(result["violations"])
@@ -170,7 +140,7 @@ def test_sweep_as_nobody():
             result["root_child_stat_pid"] = procfs.read_stat(root_child.pid).pid
             return result
 
-        result = call_as_nobody(sweep_and_read_child)
+        result = privdrop.call_as_nobody(sweep_and_read_child)
 
     assert_no_violations(result["violations"])
     assert result["own_mappings"] > 0
@@ -187,6 +157,28 @@ def test_zombie_reads_empty():
         assert procfs.read_stat(child.pid).state == "Z"
         assert procfs.read_maps(child.pid) == []
         assert procfs.read_exe(child.pid) is None
+
+
+# Arguments that need care: an absolute argv[0], "--" and arguments with spaces. The
+# program prints "ready" and waits for a signal, so it is alive while the test reads it.
+CMDLINE_ARGV = [sys.executable, "-c", "import signal; print('ready', flush=True); signal.pause()",
+                "--", "an argument with spaces"]
+
+
+def test_read_cmdline_live_process():
+    with procs.spawn(CMDLINE_ARGV, ready_line="ready") as child:
+        assert procfs.read_cmdline(child.pid) == CMDLINE_ARGV
+
+
+def test_read_cmdline_zombie_is_empty():
+    with procs.spawn(CMDLINE_ARGV, ready_line="ready") as child:
+        os.kill(child.pid, signal.SIGKILL)
+        # WNOWAIT leaves the killed child unreaped, so it stays a zombie until teardown.
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        assert procfs.read_stat(child.pid).state == "Z"
+
+        # A zombie has no memory map left to read its arguments from.
+        assert procfs.read_cmdline(child.pid) == []
 
 
 def test_main_thread_exited_maps():
@@ -337,30 +329,6 @@ def test_query_and_text_agree():
 
 FILE_PAGES = 16
 TOUCHED_PAGES = (0, 5, 9)
-
-
-def is_memory_fs(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return native.fstatfs_type(fd) in files.MEMORY_FS_MAGICS
-    finally:
-        os.close(fd)
-
-
-@pytest.fixture
-def disk_dir(tmp_path: Path) -> Iterator[Path]:
-    """A directory on a disk-backed filesystem: tmp_path, or one in /var/tmp if that is tmpfs."""
-    if not is_memory_fs(tmp_path):
-        yield tmp_path
-        return
-    if is_memory_fs(Path("/var/tmp")):
-        pytest.fail(f"{tmp_path} and /var/tmp are both in memory: set TMPDIR to a disk-backed "
-                    "directory to run these tests")
-    work_dir = Path(tempfile.mkdtemp(prefix="prelock-pagemap-", dir="/var/tmp"))
-    try:
-        yield work_dir
-    finally:
-        shutil.rmtree(work_dir)
 
 
 @pytest.fixture

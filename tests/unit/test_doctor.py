@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from prelock import doctor, native, sysmem
 from prelock.cli import main
 from prelock.cli.doctor import protection_record
+from prelock.doctor_snapshot import read_source
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "doctor"
 GPU_NODE = FIXTURES / "gpu-node-livelock"
@@ -559,7 +560,7 @@ def test_permission_denied_is_explained():
     def denied():
         raise PermissionError(13, "Permission denied", "/proc/slabinfo")
 
-    assert doctor._attempt(sources, "slabinfo", "/proc/slabinfo", denied) is None
+    assert read_source(sources, "slabinfo", "/proc/slabinfo", denied) is None
     assert sources[0].error == "permission denied (run as root to read it)"
 
 

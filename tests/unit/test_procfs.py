@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import tempfile
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+import privdrop
 from prelock import files, procfs
 from prelock.errors import AccessDenied, ProcessGone, translate_proc_error
 
 FIXTURE_PROC = Path(__file__).resolve().parent.parent / "fixtures" / "proc"
-NOBODY_ID = 65534
 
 # The fields before the path of a file mapping, padded to column 73 as the kernel pads
 # them on 64-bit.
@@ -317,6 +315,33 @@ def test_cgroup_empty():
     assert procfs.memory_cgroup_path(entries) == "/"
 
 
+# --- cmdline ----------------------------------------------------------------------
+
+CMDLINE_CASES = [
+    pytest.param(b"kubelet\0--config\0/var/lib/kubelet/config.yaml\0",
+                 ["kubelet", "--config", "/var/lib/kubelet/config.yaml"], id="nul-terminated"),
+    pytest.param(b"", [], id="empty-kernel-thread-or-zombie"),
+    pytest.param(b"sleep\x00\x0060\x00", ["sleep", "60"], id="empty-argument-dropped"),
+    pytest.param(b"sleep\x0060", ["sleep", "60"], id="no-trailing-nul"),
+    pytest.param(b"nginx: worker process", ["nginx: worker process"], id="rewritten-argv"),
+    pytest.param(b"/opt/my app/run\0--name=a b\0", ["/opt/my app/run", "--name=a b"], id="spaces"),
+    pytest.param(b"prog\0line1\nline2\0", ["prog", "line1\nline2"], id="newline"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), CMDLINE_CASES)
+def test_parse_cmdline(data: bytes, expected: list[str]):
+    assert procfs.parse_cmdline(data) == expected
+
+
+def test_parse_cmdline_non_utf8_round_trip():
+    raw = b"/opt/caf\xe9/bin/run\xff"
+
+    (arg,) = procfs.parse_cmdline(raw + b"\0")
+
+    assert os.fsencode(arg) == raw
+
+
 # --- errors -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("code", [errno.ENOENT, errno.ESRCH])
@@ -421,6 +446,20 @@ def test_read_maps_other_error_reaches_caller(proc_copy: Path):
         procfs.read_maps(100, str(proc_copy))
 
 
+def test_read_cmdline_fixture_tree(tmp_path: Path):
+    (tmp_path / "4242").mkdir()
+    (tmp_path / "4242" / "cmdline").write_bytes(b"/usr/bin/kubelet\0--v=2\0")
+
+    assert procfs.read_cmdline(4242, str(tmp_path)) == ["/usr/bin/kubelet", "--v=2"]
+
+
+def test_read_cmdline_missing_pid_is_process_gone(tmp_path: Path):
+    with pytest.raises(ProcessGone) as excinfo:
+        procfs.read_cmdline(4242, str(tmp_path))
+
+    assert excinfo.value.pid == 4242
+
+
 # --- access denied ----------------------------------------------------------------
 
 @pytest.fixture
@@ -440,41 +479,6 @@ def shared_proc_copy() -> Iterator[Path]:
         shutil.rmtree(parent)
 
 
-def call_unprivileged(func: Callable[[], dict]) -> dict:
-    """Run func as uid and gid 65534 in a forked child when root, else in this process.
-
-    func returns a JSON-serializable dict; the child's traceback goes to stderr when it
-    raises. Running as another user is what makes the kernel return EACCES for a file of
-    mode 000, because root bypasses file modes.
-    """
-    if os.geteuid() != 0:
-        return func()
-
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:
-        exit_code = 1
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(NOBODY_ID)
-            os.setuid(NOBODY_ID)
-            with os.fdopen(write_fd, "w") as pipe:
-                json.dump(func(), pipe)
-            exit_code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(exit_code)
-
-    os.close(write_fd)
-    with os.fdopen(read_fd) as pipe:
-        output = pipe.read()
-    _, wait_status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(wait_status) == 0, "unprivileged child failed; see its stderr"
-    return json.loads(output)
-
-
 def test_reader_access_denied(shared_proc_copy: Path):
     root = str(shared_proc_copy)
     (shared_proc_copy / "100" / "maps").chmod(0)
@@ -489,7 +493,7 @@ def test_reader_access_denied(shared_proc_copy: Path):
             outcome["maps"] = "read"
         return outcome
 
-    outcome = call_unprivileged(read_pid_100)
+    outcome = privdrop.call_as_nobody(read_pid_100)
     assert outcome["uid"] != 0
     assert outcome["stat_pid"] == 100
     assert outcome["maps"] == "AccessDenied"
