@@ -37,7 +37,7 @@ def measure(config: Config, mode: str, runs: int) -> None:
         plan, scan = scan_and_plan(config)
         walls.append(time.perf_counter() - wall_start)
         cpus.append(cpu_seconds() - cpu_start)
-    print(f"mode={mode} processes_scanned={scan.processes_scanned} files={len(plan.files)} "
+    print(f"mode={mode} targets_read={scan.targets_read} files={len(plan.files)} "
           f"wall_s median={statistics.median(walls):.3f} max={max(walls):.3f} "
           f"cpu_s median={statistics.median(cpus):.3f} max={max(cpus):.3f}")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import select
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prelock import native, privilege, snapshot
+from prelock import native, privilege, snapshot, state
 from prelock.config import Config, load_config
 from prelock.errors import ConfigError, PrivilegeError
 from prelock.files import FileKey
@@ -53,7 +53,10 @@ class Daemon:
     started_at: float = field(default_factory=time.time)
     metrics: object | None = None
     last_summary: CycleSummary | None = None
+    # Set by SIGTERM and SIGINT, so a long apply stops between two files.
+    stopping: bool = False
     _snapshot_signature: tuple = ()
+    _denied_warned: bool = False
 
     def cycle(self) -> CycleSummary:
         """Scan, plan, release what left the plan, then lock what is new in it."""
@@ -68,7 +71,8 @@ class Daemon:
             self.last_mapped[key] = now
         # Releasing first frees budget for the files the plan ranks higher.
         released = self._release_unplanned(plan, scan, now)
-        report = self.locker.apply(plan.files, plan.budget_bytes)
+        report = self.locker.apply(plan.files, plan.budget_bytes, should_stop=lambda: self.stopping)
+        self._warn_denied(scan)
 
         summary = CycleSummary(self.cycles, time.monotonic() - started, plan, scan,
                                locked_new=len(report.locked), grown=len(report.grown), released=released,
@@ -114,6 +118,12 @@ class Daemon:
             self._warn("memlock", "RLIMIT_MEMLOCK", "limit reached: grant CAP_IPC_LOCK or raise "
                        "LimitMEMLOCK (systemd) / ulimit -l to lock more")
 
+    def _warn_denied(self, scan: ScanResult) -> None:
+        if scan.processes_denied and not self._denied_warned:
+            self._denied_warned = True
+            log.warning("%d processes could not be read (access denied): their code is not locked; "
+                        "run as root with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH", scan.processes_denied)
+
     def _warn(self, subject: FileKey | str, path: str, reason: str) -> None:
         # Skip reasons that are not a problem (tmpfs, devices) stay at debug level.
         if reason in _ROUTINE_SKIPS:
@@ -135,7 +145,7 @@ class Daemon:
 
     def restore_snapshot(self) -> None:
         """Lock the unchanged files of the last snapshot before the first scan."""
-        planned = snapshot.planned_files(snapshot.read_snapshot(self.config.state_dir))
+        planned = snapshot.planned_files(snapshot.read_snapshot(self.config.state_dir), self.config)
         if not planned:
             return
         meminfo = read_meminfo(self.proc_root)
@@ -158,7 +168,7 @@ class Daemon:
         try:
             snapshot.write_snapshot(self.config.state_dir, entries)
         except OSError as exc:
-            self._warn("snapshot", str(self.config.state_dir), f"cannot write the snapshot: {exc.strerror}")
+            self._warn_state_write(snapshot.SNAPSHOT_FILE, exc)
             return
         self._snapshot_signature = signature
 
@@ -181,15 +191,20 @@ class Daemon:
             ],
         }
 
-    def write_status(self) -> None:
-        state_dir = Path(self.config.state_dir)
+    def write_status(self, running: bool = True) -> None:
+        record = self.status_record()
+        record["running"] = running
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            temporary = state_dir / (STATUS_FILE + ".tmp")
-            temporary.write_text(json.dumps(self.status_record()))
-            temporary.replace(state_dir / STATUS_FILE)
+            state.write_json(Path(self.config.state_dir) / STATUS_FILE, record)
         except OSError as exc:
-            self._warn("status", str(state_dir), f"cannot write the status file: {exc.strerror}")
+            self._warn_state_write(STATUS_FILE, exc)
+
+    def _warn_state_write(self, name: str, exc: OSError) -> None:
+        if ("state", name) in self.warned:
+            return
+        self.warned.add(("state", name))
+        log.warning("cannot write %s in state_dir %s: %s (locking goes on)", name, self.config.state_dir,
+                    exc.strerror or exc)
 
     def reload(self) -> None:
         try:
@@ -199,6 +214,17 @@ class Daemon:
             for problem in getattr(exc, "problems", None) or [exc]:
                 log.error("reload failed, keeping the running config: %s", problem)
             return
+        except Exception as exc:  # noqa: BLE001 - a failed reload must never stop the daemon
+            log.error("reload failed, keeping the running config: %s: %s", type(exc).__name__, exc)
+            return
+        if config.metrics.listen != self.config.metrics.listen:
+            log.warning("metrics.listen changed from %r to %r: restart prelock to apply it",
+                        self.config.metrics.listen or "", config.metrics.listen or "")
+        if Path(config.state_dir) != Path(self.config.state_dir):
+            # The running daemon holds the lock of its state_dir.
+            log.warning("state_dir changed from %s to %s: restart prelock to apply it",
+                        self.config.state_dir, config.state_dir)
+            config = dataclasses.replace(config, state_dir=self.config.state_dir)
         self.config = config
         self.warned.clear()
         log.info("reloaded config from %s", config.source)
@@ -274,6 +300,8 @@ def run(daemon: Daemon, max_cycles: int | None = None) -> None:
 
     def on_signal(signum, _frame) -> None:
         pending.append(signum)
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            daemon.stopping = True
 
     previous_fd = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -284,6 +312,7 @@ def run(daemon: Daemon, max_cycles: int | None = None) -> None:
     finally:
         sd_notify("STOPPING=1")
         daemon.locker.release_all()
+        daemon.write_status(running=False)
         signal.set_wakeup_fd(previous_fd)
         wake_read.close()
         wake_write.close()
@@ -303,6 +332,8 @@ def _loop(daemon: Daemon, pending: list[int], wake: socket.socket, max_cycles: i
             sd_notify("READY=1")
             next_cycle = time.monotonic()
 
+        if daemon.stopping:
+            return
         if time.monotonic() >= next_cycle:
             daemon.cycle()
             daemon.write_status()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -122,7 +122,8 @@ class Locker:
         """A read-only view of the held files by file key."""
         return MappingProxyType(self._held)
 
-    def apply(self, planned_files: Iterable[PlannedFile], budget_bytes: int) -> ApplyReport:
+    def apply(self, planned_files: Iterable[PlannedFile], budget_bytes: int,
+              should_stop: Callable[[], bool] | None = None) -> ApplyReport:
         """Lock the planned files in order, within budget_bytes of locked memory in total.
 
         Held files stay mapped and are populated further where the plan grew. Files that
@@ -134,6 +135,10 @@ class Locker:
         report = ApplyReport()
 
         for planned in planned_files:
+            # Populating a large cold file takes seconds, so a stop request is honoured
+            # between files.
+            if should_stop is not None and should_stop():
+                break
             self._apply_one(planned, present_by_key.pop(planned.key, None), cycle, report)
 
         report.memlock_limited = cycle.memlock_limited

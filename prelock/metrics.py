@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from prelock.errors import PrelockError
 from prelock.plan import TIERS
 
 
@@ -21,7 +22,11 @@ class Metrics:
         self.cycle_seconds = Gauge("prelock_cycle_duration_seconds", "Wall time of the last cycle.",
                                    registry=self.registry)
         self.cycles = Counter("prelock_cycles", "Cycles run since start.", registry=self.registry)
-        start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        try:
+            start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
+        except OSError as exc:
+            raise PrelockError(f"cannot serve metrics on {listen}: {exc.strerror}: free the port or change "
+                               "metrics.listen") from None
 
     def update(self, daemon) -> None:
         by_tier = daemon.locker.locked_bytes_by_tier()

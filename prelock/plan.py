@@ -6,6 +6,7 @@ makes a syscall.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from typing import TYPE_CHECKING
@@ -172,3 +173,9 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def count_pages(ranges: list[tuple[int, int]]) -> int:
     return sum(last - first for first, last in ranges)
+
+
+def path_selected(path: str, include: tuple[re.Pattern, ...], exclude: tuple[re.Pattern, ...]) -> bool:
+    if include and not any(p.search(path) for p in include):
+        return False
+    return not any(p.search(path) for p in exclude)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 
 from prelock import cgroupfs, pagemap, procfs
@@ -16,7 +15,7 @@ from prelock.config import Config
 from prelock.errors import AccessDenied, ProcessGone
 from prelock.files import FileKey, FileSkipped, open_mapped_file, path_skip_reason
 from prelock.native import PAGE_SIZE
-from prelock.plan import FileSource, MemoryState, Plan, SkippedFile, build_plan, merge_ranges
+from prelock.plan import FileSource, MemoryState, Plan, SkippedFile, build_plan, merge_ranges, path_selected
 from prelock.procfs import Mapping
 from prelock.sysmem import read_meminfo
 from prelock.targets import Target, select_targets
@@ -49,8 +48,9 @@ class FileUsage:
 class ScanResult:
     files: dict[FileKey, FileUsage]
     skipped: list[SkippedFile]
-    processes_scanned: int = 0
+    targets_read: int = 0
     processes_gone: int = 0
+    processes_denied: int = 0
 
 
 def collect(targets: list[Target], config: Config, proc_root: str = "/proc") -> ScanResult:
@@ -61,11 +61,12 @@ def collect(targets: list[Target], config: Config, proc_root: str = "/proc") -> 
     for target in targets:
         try:
             _collect_process(target, config, proc_root, result, resolved)
-            result.processes_scanned += 1
+            result.targets_read += 1
         except ProcessGone:
             result.processes_gone += 1
             log.debug("process %d (%s) exited during the scan", target.pid, target.comm)
         except AccessDenied as exc:
+            result.processes_denied += 1
             log.debug("process %d (%s) skipped: %s", target.pid, target.comm, exc)
 
     if config.files.kinds == "code":
@@ -98,12 +99,6 @@ def _wanted(mapping: Mapping, config: Config) -> bool:
     if not mapping.readable or mapping.writable or path_skip_reason(mapping) is not None:
         return False
     return path_selected(mapping.path, config.files.include, config.files.exclude)
-
-
-def path_selected(path: str, include: tuple[re.Pattern, ...], exclude: tuple[re.Pattern, ...]) -> bool:
-    if include and not any(p.search(path) for p in include):
-        return False
-    return not any(p.search(path) for p in exclude)
 
 
 def _usage_for(target: Target, task_id: int, mapping: Mapping, proc_root: str, result: ScanResult,
@@ -162,8 +157,9 @@ def own_cgroup_limit_bytes() -> int | None:
 
 def scan_and_plan(config: Config, proc_root: str = "/proc", held_bytes: int = 0) -> tuple[Plan, ScanResult]:
     """Run one scan of the running system and plan it; this process is never a target."""
-    targets = select_targets(config, proc_root, exclude_pids=frozenset({os.getpid()}))
+    targets, denied = select_targets(config, proc_root, exclude_pids=frozenset({os.getpid()}))
     scan = collect(targets, config, proc_root)
+    scan.processes_denied += denied
     meminfo = read_meminfo(proc_root)
     memory = MemoryState(
         total_bytes=meminfo["MemTotal"],

@@ -22,13 +22,15 @@ class Target:
     reason: str  # why critical: "name", "exe" or "cgroup"; "others" for the second tier
 
 
-def select_targets(config: Config, proc_root: str = "/proc", exclude_pids: frozenset[int] = frozenset()) -> list[Target]:
-    """Return the target processes, critical tier first.
+def select_targets(config: Config, proc_root: str = "/proc",
+                   exclude_pids: frozenset[int] = frozenset()) -> tuple[list[Target], int]:
+    """Return the target processes, critical tier first, and how many could not be read.
 
     Kernel threads (no executable) are never targets, nor the pids in exclude_pids
     (the daemon passes its own pid). Processes that exit while being read are skipped.
     """
     targets = []
+    denied = 0
     for pid in procfs.list_pids(proc_root):
         if pid in exclude_pids:
             continue
@@ -39,11 +41,12 @@ def select_targets(config: Config, proc_root: str = "/proc", exclude_pids: froze
             continue
         except AccessDenied as exc:
             log.debug("process %d skipped: %s", pid, exc)
+            denied += 1
             continue
         if target is not None:
             targets.append(target)
     targets.sort(key=lambda t: (t.tier != "critical", t.pid))
-    return targets
+    return targets, denied
 
 
 def _classify(config: Config, pid: int, proc_root: str) -> Target | None:

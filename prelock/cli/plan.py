@@ -8,6 +8,8 @@ import os
 
 import click
 
+from prelock.cli.options import config_option, procfs_root_option
+from prelock.cache_render import printable
 from prelock.cli.render import print_table
 from prelock.config import load_config
 from prelock.errors import ExitCode
@@ -18,14 +20,12 @@ from prelock.units import format_size
 
 
 @click.command("plan")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Config file (default: /etc/prelock/prelock.yaml, else built-in defaults).")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--mode", type=click.Choice(["working-set", "mapped", "whole-file"]), default=None,
               help="Override lock.mode for this plan.")
-@click.option("--procfs-root", "proc_root", default="/proc", show_default=True,
-              help="Where procfs is mounted (a host /proc bind-mounted into a container, say).")
-@click.option("--limit", "row_limit", type=int, default=50, show_default=True,
+@procfs_root_option
+@click.option("--limit", "row_limit", type=click.IntRange(min=0), default=50, show_default=True,
               help="Rows of files to print in the table (0 for all); totals always cover every file.")
 def plan(config_path: str | None, as_json: bool, mode: str | None, proc_root: str, row_limit: int) -> None:
     """Show what `prelock run` would lock, without locking anything."""
@@ -37,10 +37,13 @@ def plan(config_path: str | None, as_json: bool, mode: str | None, proc_root: st
                    err=True)
 
     result, scan = scan_and_plan(config, proc_root)
+    if scan.processes_denied:
+        click.echo(f"prelock: {scan.processes_denied} processes could not be read (access denied) and are "
+                   "missing from the plan: run as root", err=True)
     if as_json:
-        click.echo(json.dumps(plan_record(result, scan.processes_scanned), indent=2))
+        click.echo(json.dumps(plan_record(result, scan.targets_read), indent=2))
     else:
-        render_plan(result, scan.processes_scanned, row_limit)
+        render_plan(result, scan.targets_read, row_limit)
     raise SystemExit(int(ExitCode.OK))
 
 
@@ -50,7 +53,7 @@ def plan_record(result: Plan, processes: int) -> dict:
         "mode": result.mode,
         "page_size": PAGE_SIZE,
         "budget_bytes": result.budget_bytes,
-        "processes_scanned": processes,
+        "targets_read": processes,
         "targets": result.targets,
         "totals": totals(result),
         "files": [
@@ -90,7 +93,7 @@ def render_plan(result: Plan, processes: int, row_limit: int) -> None:
     shown = result.files if row_limit <= 0 else result.files[:row_limit]
     for f in shown:
         owners = ",".join(sorted({comm for _, comm in f.owners}))
-        rows.append([f.tier, f.path, _truncate(owners, 24), f.pages_planned, f.pages_mapped,
+        rows.append([f.tier, printable(f.path), _truncate(printable(owners), 24), f.pages_planned, f.pages_mapped,
                      -(-f.size_bytes // PAGE_SIZE), format_size(f.planned_bytes)])
     print_table(["Tier", "File", "Processes", "Planned", "Mapped", "FilePages", "Bytes"], rows,
                 numeric={3, 4, 5, 6})
@@ -98,13 +101,16 @@ def render_plan(result: Plan, processes: int, row_limit: int) -> None:
         click.echo(f"... {len(result.files) - len(shown)} more files (use --limit 0 or --json)")
 
     summary = totals(result)
-    click.echo(f"mode={result.mode} processes={processes} "
+    click.echo(f"mode={result.mode} targets_read={processes} "
                f"targets critical={result.targets.get('critical', 0)} others={result.targets.get('others', 0)}")
     for tier in TIERS:
         tier_totals = summary["by_tier"][tier]
         click.echo(f"{tier}: files={tier_totals['files']} size={format_size(tier_totals['planned_bytes'])}")
     click.echo(f"total: files={summary['files']} size={format_size(summary['planned_bytes'])} "
                f"budget={format_size(result.budget_bytes)}")
+    # Populating a page maps and locks its whole folio, or its 64 KiB fault-around window.
+    click.echo("note: run locks whole folios, so it can lock more than planned; "
+               "`prelock status` shows what is locked")
     _render_skipped(result)
 
 
@@ -116,7 +122,7 @@ def _render_skipped(result: Plan) -> None:
         click.echo(f"skipped: {count} files: {reason}")
     for skipped in result.skipped:
         if skipped.reason in ("over budget", "min_available floor", "larger than lock.max_file_size"):
-            click.echo(f"skipped {skipped.path} tier={skipped.tier} size={format_size(skipped.size_bytes)}: "
+            click.echo(f"skipped {printable(skipped.path)} tier={skipped.tier} size={format_size(skipped.size_bytes)}: "
                        f"{skipped.reason}")
 
 

@@ -7,19 +7,19 @@ import logging
 import click
 
 from prelock import daemon as daemon_module
+from prelock import state
 from prelock.cli import setup_logging
+from prelock.cli.options import config_option, procfs_root_option
 from prelock.config import load_config
 
 log = logging.getLogger("prelock.daemon")
 
 
 @click.command("run")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Config file (default: /etc/prelock/prelock.yaml, else built-in defaults).")
+@config_option
 @click.option("--cycles", type=click.IntRange(min=1), default=None,
               help="Stop after this many cycles (default: run until SIGTERM).")
-@click.option("--procfs-root", "proc_root", default="/proc", show_default=True,
-              help="Where procfs is mounted (a host /proc bind-mounted into a container, say).")
+@procfs_root_option
 @click.option("--restore/--no-restore", default=True, show_default=True,
               help="Lock the unchanged files of the last snapshot in state_dir before the first scan.")
 @click.pass_context
@@ -33,6 +33,8 @@ def run(ctx: click.Context, config_path: str | None, cycles: int | None, proc_ro
     setup_logging(ctx.obj.get("log_level") or config.log_level)
 
     current = daemon_module.check_privilege()
+    # Held until the process exits: the kernel drops a flock with its last descriptor.
+    state.acquire(config.state_dir)
     daemon_module.lock_own_pages(current)
     daemon = daemon_module.Daemon(config, config_path, proc_root)
     if config.metrics.listen:

@@ -7,49 +7,92 @@ import os
 
 import click
 
-from prelock import pagemap, procfs
+from prelock import pagemap, procfs, state
+from prelock.cli.options import config_option
+from prelock.cache_render import printable
 from prelock.cli.render import print_table
 from prelock.config import load_config
 from prelock.daemon import STATUS_FILE
-from prelock.errors import AccessDenied, PrelockError, ProcessGone
+from prelock.errors import AccessDenied, ExitCode, PrelockError, ProcessGone
 from prelock.native import PAGE_SIZE
 from prelock.units import format_size
 
 
 @click.command("status")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Config file whose state_dir holds the daemon's status file.")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Count PG_mlocked pages of each held file from pagemap and /proc/kpageflags (root).")
 def status(config_path: str | None, as_json: bool, verify: bool) -> None:
-    """Show the files the running daemon holds locked."""
+    """Show the files the running daemon holds locked.
+
+    Exits 1 when no daemon runs with this config's state_dir, so monitoring can alert.
+    """
     config = load_config(config_path)
-    record = read_status(os.path.join(config.state_dir, STATUS_FILE))
-    record["running"] = _is_running(record["pid"])
+    path = os.path.join(config.state_dir, STATUS_FILE)
+    record = read_status(path)
+    record["running"] = bool(record.get("running", True)) and _is_running(record["pid"])
     if verify and record["running"]:
         _verify(record)
 
     if as_json:
         click.echo(json.dumps(record, indent=2))
+    else:
+        _render(record)
+    if not record["running"]:
+        raise SystemExit(int(ExitCode.RUNTIME_FAILURE))
+
+
+def _render(record: dict) -> None:
+    if not record["running"]:
+        click.echo(f"prelock: no daemon runs with this state_dir: pid {record['pid']} has stopped "
+                   "and holds nothing", err=True)
         return
-    rows = [[f["tier"], f["path"], format_size(f["locked_bytes"]),
+    rows = [[f["tier"], printable(f["path"]), format_size(f["locked_bytes"]),
              "-" if f.get("mlocked_bytes") is None else format_size(f["mlocked_bytes"])]
             for f in record["files"]]
     print_table(["Tier", "File", "Locked", "PG_mlocked"], rows, numeric={2, 3})
-    state = "running" if record["running"] else "not running (stale status file)"
-    click.echo(f"daemon pid={record['pid']} {state} cycles={record['cycles']} files={len(record['files'])} "
+    click.echo(f"daemon pid={record['pid']} running cycles={record['cycles']} files={len(record['files'])} "
                f"locked={format_size(record['locked_bytes'])}")
 
 
+_FILE_FIELDS = {"path": str, "tier": str, "locked_bytes": int, "address": int, "length_bytes": int}
+
+
 def read_status(path: str) -> dict:
+    """Read and check the daemon's status file; raises PrelockError naming the problem."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        record = state.read_json(path)
     except FileNotFoundError:
         raise PrelockError(f"no status file at {path}: is `prelock run` running with this config?") from None
-    except (OSError, ValueError) as exc:
-        raise PrelockError(f"cannot read the status file {path}: {exc}") from None
+    except OSError as exc:
+        raise PrelockError(f"cannot read the status file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise PrelockError(f"the status file {path} is not valid JSON ({exc}): restart the daemon, "
+                           "which rewrites it every cycle") from None
+
+    problem = _status_problem(record)
+    if problem is not None:
+        raise PrelockError(f"the status file {path} is malformed: {problem}; restart the daemon, "
+                           "which rewrites it every cycle")
+    return record
+
+
+def _status_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key in ("pid", "cycles", "locked_bytes"):
+        if type(record.get(key)) is not int:
+            return f"{key!r} is missing or not an integer"
+    if not isinstance(record.get("files"), list):
+        return "'files' is missing or not a list"
+    for index, held in enumerate(record["files"]):
+        if not isinstance(held, dict):
+            return f"files[{index}] is not an object"
+        for key, kind in _FILE_FIELDS.items():
+            if type(held.get(key)) is not kind:
+                return f"files[{index}].{key} is missing or not {'a string' if kind is str else 'an integer'}"
+    return None
 
 
 def _is_running(pid: int) -> bool:
