@@ -95,12 +95,15 @@ link_command() {
     log "linked $BIN_LINK -> $VENV_DIR/bin/prelock"
 }
 
-install_unit() {
-    local start=$1
+require_systemd() {
     # The unit needs systemd as the service manager, which containers and chroots
-    # usually lack.
+    # usually lack. Checked before anything is installed.
     [[ -d /run/systemd/system ]] ||
         die "$EXIT_FAILURE" "systemd is not running on this machine: run without --systemd"
+}
+
+install_unit() {
+    local start=$1
     install -m 0644 "$repo_root/systemd/prelock.service" "$UNIT_PATH"
     systemctl daemon-reload
     systemctl enable prelock.service
@@ -125,6 +128,7 @@ main() {
         shift
     done
     [[ $EUID -eq 0 ]] || die "$EXIT_PRIVILEGE" "must run as root: sudo $0 $*"
+    [[ $systemd == no ]] || require_systemd
 
     install_missing_packages "${BUILD_PACKAGES[@]}"
     install_package
