@@ -44,6 +44,8 @@ def select_targets(config: Config, proc_root: str = "/proc",
             denied += 1
             continue
         if target is not None:
+            log.debug("target %d (%s) tier=%s reason=%s exe=%s cgroup=%s", pid, target.comm, target.tier,
+                      target.reason, target.exe, target.cgroup)
             targets.append(target)
     targets.sort(key=lambda t: (t.tier != "critical", t.pid))
     return targets, denied
