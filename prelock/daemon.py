@@ -57,6 +57,7 @@ class Daemon:
     stopping: bool = False
     _snapshot_signature: tuple = ()
     _denied_warned: bool = False
+    _warned_this_cycle: set = field(default_factory=set)
 
     def cycle(self) -> CycleSummary:
         """Scan, plan, release what left the plan, then lock what is new in it."""
@@ -81,7 +82,16 @@ class Daemon:
         self._warn_once(plan, report)
         self._log_summary(summary)
         self.last_summary = summary
+        self._forget_gone_files()
         return summary
+
+    def _forget_gone_files(self) -> None:
+        # Files come and go for months; what the daemon remembers about them must not grow
+        # with every file it ever saw. Only held files need a last-mapped time, and a file
+        # skipped in this cycle keeps its warned mark, so it is warned about once.
+        self.last_mapped = {key: seen for key, seen in self.last_mapped.items() if key in self.locker.held}
+        self.warned &= self._warned_this_cycle | {w for w in self.warned if isinstance(w[0], str)}
+        self._warned_this_cycle = set()
 
     def _release_unplanned(self, plan: Plan, scan: ScanResult, now: float) -> int:
         planned_keys = {planned.key for planned in plan.files}
@@ -129,6 +139,7 @@ class Daemon:
         if reason in _ROUTINE_SKIPS:
             log.debug("skipped %s: %s", path, reason)
             return
+        self._warned_this_cycle.add((subject, reason))
         if (subject, reason) in self.warned:
             return
         self.warned.add((subject, reason))
