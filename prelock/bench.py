@@ -264,6 +264,13 @@ def _check_settings(settings: ThrashSettings) -> None:
                           f"({format_size(settings.limit_bytes)}): raise --limit or lower the sizes")
     if min(settings.critical_bytes, settings.hog_bytes) < native.PAGE_SIZE:
         raise ConfigError(f"working-set sizes must be at least one page ({native.PAGE_SIZE} bytes)")
+    if settings.leak_bytes < native.PAGE_SIZE:
+        raise ConfigError(f"the hog must leak at least one page ({native.PAGE_SIZE} bytes) per pass, "
+                          "or it never fills the cgroup")
+    # A NaN or infinite duration would never end the phase: comparisons with NaN are false.
+    for name, seconds in (("max_seconds", settings.max_seconds), ("baseline_seconds", settings.baseline_seconds)):
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ConfigError(f"{name} must be a finite number of seconds above 0, got {seconds!r}")
 
 
 def check_directory(directory: str, needed_bytes: int) -> None:

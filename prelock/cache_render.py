@@ -1,7 +1,9 @@
 """Renderers of `prelock cache` reports: aligned or rich table, terse CSV rows, and JSON.
 
-They only format a Report that prelock.cache.collect built. Paths and process names
-are escaped on output, so undecodable bytes and control characters cannot garble it.
+They only format a Report that prelock.cache.collect built. The table and terse rows
+escape undecodable bytes and control characters in paths and process names, so a row
+never spans lines. JSON gives a path as text, plus its exact bytes in hex when the
+text cannot show them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import json
 import os
 import time
+import unicodedata
 from dataclasses import asdict
 
 from prelock.cache import CacheRecord, ProcessRef, Report, SumRow, pluralize
@@ -204,9 +207,34 @@ def report_to_dict(report: Report) -> dict:
     }
 
 
+def path_fields(path: str) -> dict[str, str]:
+    """Return the JSON fields of a path: "path", and "path_bytes_hex" when the text is not exact.
+
+    "path" is the name decoded as UTF-8, with U+FFFD for bytes that do not decode.
+    "path_bytes_hex" contains the exact bytes of the name, and is present only when the
+    name is not valid UTF-8 or contains control characters (such as a newline), which
+    line-based tools that read "path" would mangle.
+    """
+    raw = os.fsencode(path)
+    text = raw.decode("utf-8", "replace")
+    fields = {"path": text}
+    has_control = any(unicodedata.category(char) == "Cc" for char in text)
+    if has_control or not _is_utf8(raw):
+        fields["path_bytes_hex"] = raw.hex()
+    return fields
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _record_dict(record: CacheRecord) -> dict:
     return _rounded_percent({
-        "path": printable(record.path),
+        **path_fields(record.path),
         "size_bytes": record.size_bytes,
         "pages": record.pages,
         "cached_pages": record.cached_pages,

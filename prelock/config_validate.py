@@ -29,8 +29,59 @@ _INVALID = object()
 
 _NULL_TAG = "tag:yaml.org,2002:null"
 _STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+# A valid config nests three levels (critical.names[0]). PyYAML composes nested lists and
+# mappings recursively, about two Python frames per level, so without a bound 500 levels
+# exhaust the interpreter's recursion limit (1000 by default).
+MAX_NESTING_DEPTH = 50
 
 Converter = Callable[["Validator", yaml.Node, str], object]
+
+
+class NestedTooDeeply(Exception):
+    """Lists and mappings that nest deeper than MAX_NESTING_DEPTH below the dotted key."""
+
+    def __init__(self, key: str, mark: yaml.Mark | None):
+        super().__init__(f"{key}: nested too deeply")
+        self.key = key
+        self.mark = mark
+
+
+class DepthLimitedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer raises NestedTooDeeply instead of recursing without bound."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        # One entry per node being composed, from the root down: its key or [index].
+        self._path: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        if len(self._path) > MAX_NESTING_DEPTH:
+            raise NestedTooDeeply(_dotted_key(self._path), self.peek_event().start_mark)
+        self._path.append(_path_component(parent, index))
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._path.pop()
+
+
+def _path_component(parent: yaml.Node | None, index: object) -> str:
+    # The composer passes a sequence item's position, a mapping value's key node, and None
+    # for the root and for a mapping key.
+    if isinstance(parent, yaml.SequenceNode):
+        return f"[{index}]"
+    if isinstance(index, yaml.ScalarNode):
+        return index.value if len(index.value) <= 40 else index.value[:37] + "..."
+    return "" if parent is None else "(key)"
+
+
+def _dotted_key(path: list[str], max_parts: int = 3) -> str:
+    """Join the first max_parts components below the root into a key such as critical.names[0]."""
+    key = ""
+    for part in path[1:max_parts + 1]:
+        key += part if part.startswith("[") or not key else "." + part
+    return key or "(top level)"
 
 
 class Validator:
@@ -44,9 +95,17 @@ class Validator:
     def compose(self, text: str) -> yaml.Node | None:
         """Return the root node, or None for an empty document or a YAML syntax error."""
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = yaml.compose(text, Loader=DepthLimitedLoader)
+        except NestedTooDeeply as exc:
+            line = exc.mark.line + 1 if exc.mark is not None else None
+            problem = f"nested too deeply (more than {MAX_NESTING_DEPTH} levels of lists and mappings)"
+            self.problems.append(ConfigProblem(self.source, line, exc.key, problem))
+            return None
         except yaml.MarkedYAMLError as exc:
             self._report_syntax_error(exc)
+            return None
+        except yaml.reader.ReaderError as exc:
+            self._report_reader_error(exc, text)
             return None
         except yaml.YAMLError as exc:
             self.problems.append(ConfigProblem(self.source, None, "", f"invalid YAML: {exc}"))
@@ -60,7 +119,24 @@ class Validator:
         problem = f"invalid YAML: {exc.problem or exc.context}"
         if exc.context and exc.problem and exc.context_mark is not None:
             problem += f" ({exc.context} started at line {exc.context_mark.line + 1})"
+        if "'\\t'" in problem:
+            # PyYAML reports a tab where a token or indentation starts as a character
+            # "that cannot start any token".
+            problem += "; indent with spaces, not tabs"
         line = mark.line + 1 if mark is not None else None
+        self.problems.append(ConfigProblem(self.source, line, "", problem))
+
+    def _report_reader_error(self, exc: yaml.reader.ReaderError, text: str) -> None:
+        """Record a character that YAML forbids (such as NUL) with its line and column."""
+        if isinstance(exc.character, bytes) or not 0 <= exc.position <= len(text):
+            self.problems.append(ConfigProblem(self.source, None, "", f"invalid YAML: {exc.reason}"))
+            return
+        # For str input PyYAML checks the whole text at once, so position is an index into text.
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        name = " (NUL)" if exc.character == 0 else ""
+        problem = (f"invalid YAML: character U+{exc.character:04X}{name} at column {column} is not allowed; "
+                   "remove it (YAML allows no control characters other than tab and line breaks)")
         self.problems.append(ConfigProblem(self.source, line, "", problem))
 
     def report(self, node: yaml.Node, key: str, problem: str, expected: str = "",
@@ -105,7 +181,10 @@ class Validator:
             name = key_node.value
             display_name = name if len(name) <= 40 else name[:37] + "..."
             dotted = f"{key}.{display_name}" if key else display_name
-            if name not in allowed:
+            if key_node.tag == _MERGE_TAG:
+                self.report(key_node, dotted, "YAML merge keys (<<) are not supported",
+                            "the keys written out in this mapping", show_value=False)
+            elif name not in allowed:
                 self._report_unknown_key(key_node, dotted, allowed)
             elif name in entries:
                 self.report(key_node, dotted, f"duplicate key, first set at line {key_lines[name]}",
@@ -351,7 +430,9 @@ def _to_state_dir(v: Validator, node: yaml.Node, key: str) -> object:
     value = _to_string(v, node, key, expected)
     if value is _INVALID:
         return _INVALID
-    if not value.startswith("/") or "\0" in value:
+    if "\0" in value:
+        return v.report(node, key, "contains a NUL byte", expected)
+    if not value.startswith("/"):
         return v.report(node, key, "not an absolute path", expected)
     return Path(value)
 

@@ -20,8 +20,8 @@ from prelock import native
 from prelock.doctor_advice import Recommendation, RecommendationInputs, recommend
 from prelock.doctor_breakdown import GIB, Breakdown, Category, Holder, SlabUsage, build_breakdown, find_holders, top_slabs
 from prelock.doctor_node import (STATE_DIRS, CgroupState, CgroupUsage, KubeletState, ProcessInfo, Protection, StatusFile,
-                                 inspect_kubelet, inspect_protection, is_prelock_run, kubelet_settings, measure_file,
-                                 read_cgroups, read_status_files, scan_processes)
+                                 find_daemons, inspect_kubelet, inspect_protection, is_prelock_run, kubelet_settings,
+                                 measure_file, read_cgroups, read_status_files, scan_processes)
 from prelock.doctor_snapshot import Rates, Snapshot, Source, compute_rates, read_snapshot, sample_rates
 from prelock.doctor_verdict import (HEALTHY, SEVERITY, THRASHING, THRASHING_RISK, UNDER_PRESSURE, UNKNOWN, Rule, Verdict,
                                     judge)
@@ -31,7 +31,7 @@ __all__ = [
     "Breakdown", "Category", "CgroupState", "CgroupUsage", "Holder", "KubeletState", "ProcessInfo", "Protection",
     "Rates", "Recommendation", "RecommendationInputs", "Report", "Rule", "SlabUsage", "Snapshot", "Source",
     "StatusFile", "Verdict",
-    "build_breakdown", "collect", "compute_rates", "find_holders", "inspect_kubelet", "inspect_protection",
+    "build_breakdown", "collect", "compute_rates", "find_daemons", "find_holders", "inspect_kubelet", "inspect_protection",
     "is_prelock_run", "judge", "kubelet_settings", "measure_file", "read_cgroups", "read_snapshot",
     "read_status_files", "recommend", "sample_rates", "scan_processes", "top_slabs",
 ]

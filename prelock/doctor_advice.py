@@ -86,8 +86,11 @@ def _recommend_prelock(inputs: RecommendationInputs) -> Recommendation | None:
     return Recommendation(
         "run_prelock", "Lock the code of running programs with prelock", reason,
         ("systemctl enable --now prelock.service",),
-        "The unit runs prelock run -c /etc/prelock/prelock.yaml. On Kubernetes, run the prelock "
-        "DaemonSet (deploy/kubernetes/ in the prelock source) instead.")
+        "The unit runs /usr/local/bin/prelock run -c /etc/prelock/prelock.yaml. If it is not installed "
+        "yet, run sudo ./scripts/install-and-run.sh --systemd in a checkout of the prelock source, which "
+        "installs prelock and the unit, then enables and starts it. Or copy systemd/prelock.service from "
+        "the source to /etc/systemd/system/ and run systemctl daemon-reload before the command above. "
+        "On Kubernetes, run the prelock DaemonSet (deploy/kubernetes/ in the prelock source) instead.")
 
 
 def _recommend_mglru(inputs: RecommendationInputs) -> Recommendation | None:

@@ -7,9 +7,11 @@ debug level.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,12 @@ logger = logging.getLogger(__name__)
 
 STATE_DIRS = ("/run/prelock", "/var/lib/prelock")
 STATUS_FILE = "status.json"
+# Names of a CPython interpreter as argv[0]: python, python3, python3.11.
+_PYTHON_NAME = re.compile(r"python(\d+(\.\d+)?)?")
+# Modules that `python -m` runs as the prelock command line.
+_PRELOCK_MODULES = ("prelock", "prelock.cli")
+# Interpreter options whose value is the next argument.
+_PYTHON_OPTIONS_WITH_VALUE = ("-W", "-X")
 EARLY_OOM_DAEMONS = ("earlyoom", "systemd-oomd", "oomd", "nohang")
 # Memory cgroups of the node agents and of the pods, for the systemd and cgroupfs drivers.
 CGROUP_NAMES = ("kubepods.slice", "kubepods", "system.slice")
@@ -53,6 +61,7 @@ class ProcessInfo:
     pid: int
     comm: str
     argv: tuple[str, ...]
+    ppid: int | None = None  # None when /proc/PID/stat could not be read
 
 
 @dataclass(frozen=True)
@@ -141,18 +150,70 @@ def scan_processes(procfs_root: str = "/proc") -> list[ProcessInfo]:
     for pid in pids:
         try:
             comm = procfs.read_comm(pid, procfs_root)
-            processes.append(ProcessInfo(pid, comm, tuple(procfs.read_cmdline(pid, procfs_root))))
+            argv = tuple(procfs.read_cmdline(pid, procfs_root))
         except (ProcessGone, AccessDenied, OSError) as exc:
             logger.debug("skipped process %d: %s", pid, exc)
+            continue
+        processes.append(ProcessInfo(pid, comm, argv, _read_ppid(pid, procfs_root)))
     return processes
 
 
+def _read_ppid(pid: int, procfs_root: str) -> int | None:
+    try:
+        return procfs.read_stat(pid, procfs_root).ppid
+    except (ProcessGone, AccessDenied, OSError, ValueError) as exc:
+        logger.debug("parent of process %d unknown: %s", pid, exc)
+        return None
+
+
+def find_daemons(processes: list[ProcessInfo]) -> tuple[int, ...]:
+    """Return the PIDs of the processes that are a prelock daemon, each daemon once.
+
+    A process whose child is a daemon with the same argv is left out, so a wrapper
+    that starts the daemon under its own command line does not count twice.
+    """
+    daemons = [process for process in processes if is_prelock_run(process.argv)]
+    argv_by_pid = {process.pid: process.argv for process in daemons}
+    wrappers = {process.ppid for process in daemons if argv_by_pid.get(process.ppid) == process.argv}
+    return tuple(process.pid for process in daemons if process.pid not in wrappers)
+
+
 def is_prelock_run(argv: tuple[str, ...]) -> bool:
-    """Return whether argv runs `prelock run`, directly, as a script or as `python -m prelock`."""
-    for index, arg in enumerate(argv):
-        if os.path.basename(arg) == "prelock":
-            return _subcommand(argv[index + 1:]) == "run"
+    """Return whether argv is itself `prelock run`, rather than a wrapper that starts it.
+
+    argv[0] must be the prelock command, or a Python interpreter that runs the prelock
+    script (`python3 /usr/local/bin/prelock run`, as the kernel starts a script with a
+    shebang) or the prelock module (`python3 -m prelock run`). `sudo prelock run` and
+    `sh -c 'prelock run'` are wrappers, and their child is the daemon.
+    """
+    if not argv:
+        return False
+    program = os.path.basename(argv[0])
+    if program == "prelock":
+        return _subcommand(argv[1:]) == "run"
+    if _PYTHON_NAME.fullmatch(program):
+        prelock_args = _args_after_interpreter(argv[1:])
+        return prelock_args is not None and _subcommand(prelock_args) == "run"
     return False
+
+
+def _args_after_interpreter(args: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Return the arguments of the prelock command line that a Python interpreter runs, or None."""
+    skip_value = False
+    for index, arg in enumerate(args):
+        if skip_value:
+            skip_value = False
+        elif arg.startswith("-m"):
+            module = arg[2:] or (args[index + 1] if index + 1 < len(args) else "")
+            rest = index + 1 if arg[2:] else index + 2
+            return args[rest:] if module in _PRELOCK_MODULES else None
+        elif arg.startswith("-c"):
+            return None
+        elif arg in _PYTHON_OPTIONS_WITH_VALUE:
+            skip_value = True
+        elif not arg.startswith("-"):
+            return args[index + 1:] if os.path.basename(arg) == "prelock" else None
+    return None
 
 
 def _subcommand(args: tuple[str, ...]) -> str | None:
@@ -173,6 +234,9 @@ def read_status_files(state_dirs: tuple[str, ...]) -> list[StatusFile]:
     for directory in state_dirs:
         path = Path(directory, STATUS_FILE)
         try:
+            # A FIFO or device at the path would block read_text().
+            if path.exists() and not path.is_file():
+                raise OSError(errno.EINVAL, "not a regular file")
             record = json.loads(path.read_text())
             updated_at = float(record.get("updated_at", path.stat().st_mtime))
             pid, locked = record.get("pid"), record.get("locked_bytes")
@@ -274,7 +338,7 @@ def inspect_protection(procfs_root: str, meminfo: dict[str, int] | None,
     state_dirs None skips the status files, for runs against a fixture procfs.
     """
     processes = scan_processes(procfs_root)
-    daemons = tuple(process.pid for process in processes if is_prelock_run(process.argv))
+    daemons = find_daemons(processes)
     early_oom = tuple(process for process in processes if process.comm in EARLY_OOM_DAEMONS)
     if state_dirs is None:
         status_files, status_note = [], "not checked: --procfs-root is not /proc"

@@ -114,6 +114,14 @@ def _read_counters(snap: Snapshot, procfs_root: str) -> None:
     snap.counters_read_at_s = time.monotonic()
 
 
+def meminfo_problem(procfs_root: str) -> str | None:
+    """Return why procfs_root/meminfo gives no MemTotal (such as "not found"), or None when it does."""
+    sources: list[Source] = []
+    read_source(sources, "meminfo", f"{procfs_root}/meminfo",
+                lambda: _require_memtotal(sysmem.read_meminfo(procfs_root)))
+    return sources[0].error
+
+
 def _require_memtotal(meminfo: dict[str, int]) -> dict[str, int]:
     if not meminfo.get("MemTotal"):
         raise ValueError("no MemTotal line")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
@@ -16,12 +17,18 @@ def parse_size(text: str) -> int:
     """Parse '4GiB', '512MiB', '100KiB' or a plain byte count into bytes.
 
     Raises ValueError naming the accepted units; decimal units (GB, MB) are rejected
-    because operators mix them up with the binary ones.
+    because operators mix them up with the binary ones. A number too large for a float
+    also raises ValueError.
     """
     match = _SIZE_RE.fullmatch(text.strip())
     if match is None or match.group(2) not in _SIZE_UNITS:
         raise ValueError(f"expected a size such as 512MiB or 4GiB (units: KiB, MiB, GiB, TiB), got {text!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    size_bytes = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not math.isfinite(size_bytes):
+        shown = text.strip()
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ValueError(f"size {shown!r} has too many digits; expected a size such as 512MiB or 4GiB")
+    return int(size_bytes)
 
 
 def parse_percent(text: str) -> float | None:

@@ -6,7 +6,9 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,8 +19,16 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 import prelock.bench as thrash
+from prelock import native
 from prelock.errors import ConfigError
 from prelock.units import format_size, parse_size
+
+# Default sizes of the two working sets as fractions of --limit: 192MiB and 96MiB at the
+# default 512MiB limit, which leaves the hog room to leak before reclaim starts.
+CRITICAL_SHARE_OF_LIMIT = 3 / 8
+HOG_SHARE_OF_LIMIT = 3 / 16
+# An hour per mode or for the baseline is far beyond any useful run, so a larger value is a typo.
+MAX_PHASE_SECONDS = 3600.0
 
 
 @click.group("bench")
@@ -26,11 +36,46 @@ def bench() -> None:
     """Measure what locking changes when memory runs out."""
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
     try:
         return parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx, param) from exc
+
+
+def _leak_size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    leak_bytes = _size(ctx, param, value)
+    # A hog that leaks nothing never fills the cgroup, so the mode would only measure idle time.
+    if leak_bytes < native.PAGE_SIZE:
+        raise click.BadParameter(f"{value!r} is less than one page ({native.PAGE_SIZE} bytes): the hog must leak "
+                                 "memory to fill the cgroup", ctx, param)
+    return leak_bytes
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # click's FloatRange lets NaN through, because every comparison with NaN is false, and
+    # a NaN limit would never end the mode.
+    if not math.isfinite(value) or not 1 <= value <= MAX_PHASE_SECONDS:
+        raise click.BadParameter(f"{value:g} is not a number of seconds from 1 to {MAX_PHASE_SECONDS:g}",
+                                 ctx, param)
+    return value
+
+
+def default_sizes(limit_bytes: int, critical_bytes: int | None, hog_bytes: int | None) -> tuple[int, int]:
+    """Return the working-set sizes, filling a size not given in as its share of limit_bytes.
+
+    The shares are rounded down to whole pages.
+    """
+    def share(fraction: float) -> int:
+        return int(limit_bytes * fraction) // native.PAGE_SIZE * native.PAGE_SIZE
+
+    if critical_bytes is None:
+        critical_bytes = share(CRITICAL_SHARE_OF_LIMIT)
+    if hog_bytes is None:
+        hog_bytes = share(HOG_SHARE_OF_LIMIT)
+    return critical_bytes, hog_bytes
 
 
 def _modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
@@ -44,20 +89,21 @@ def _modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
 @bench.command("thrash")
 @click.option("--limit", "limit_bytes", default="512MiB", show_default=True, callback=_size,
               help="Memory limit of the bench cgroup (KiB, MiB, GiB).")
-@click.option("--critical-size", "critical_bytes", default="192MiB", show_default=True, callback=_size,
+@click.option("--critical-size", "critical_bytes", default=None, callback=_size,
+              show_default="3/8 of --limit, 192MiB at 512MiB",
               help="File-backed working set the critical process reads every heartbeat.")
-@click.option("--hog-size", "hog_bytes", default="96MiB", show_default=True, callback=_size,
-              help="Size of the hog's code file.")
-@click.option("--leak", "leak_bytes", default="4MiB", show_default=True, callback=_size,
-              help="Anonymous memory the hog leaks per pass.")
+@click.option("--hog-size", "hog_bytes", default=None, callback=_size,
+              show_default="3/16 of --limit, 96MiB at 512MiB", help="Size of the hog's code file.")
+@click.option("--leak", "leak_bytes", default="4MiB", show_default=True, callback=_leak_size,
+              help="Anonymous memory the hog leaks per pass, at least one page (4KiB).")
 @click.option("--modes", default=",".join(thrash.DEFAULT_MODES), show_default=True, callback=_modes,
               help="Comma-separated modes to run, in order: none, critical, all, vmtouch.")
 @click.option("--with-vmtouch", is_flag=True,
               help="Add the vmtouch mode: `vmtouch -l` locks both files whole.")
-@click.option("--max-seconds", type=click.FloatRange(min=1), default=90.0, show_default=True,
-              help="Maximum time a mode runs after the hog starts, in seconds.")
-@click.option("--baseline-seconds", type=click.FloatRange(min=1), default=10.0, show_default=True,
-              help="Duration of the idle baseline (critical process alone), in seconds.")
+@click.option("--max-seconds", type=float, default=90.0, show_default=True, callback=_seconds,
+              help="Maximum time a mode runs after the hog starts, in seconds (1 to 3600).")
+@click.option("--baseline-seconds", type=float, default=10.0, show_default=True, callback=_seconds,
+              help="Duration of the idle baseline (critical process alone), in seconds (1 to 3600).")
 @click.option("--lock-scope", type=click.Choice(thrash.LOCK_SCOPES), default="bench", show_default=True,
               help="bench: the daemon locks only the bench files. machine: in mode all it also locks "
                    "the code of every other process on the machine, as the shipped defaults do.")
@@ -66,7 +112,7 @@ def _modes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str,
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Draw heartbeat latency over time per mode into this PNG file (needs matplotlib).")
-def thrash_command(limit_bytes: int, critical_bytes: int, hog_bytes: int, leak_bytes: int,
+def thrash_command(limit_bytes: int, critical_bytes: int | None, hog_bytes: int | None, leak_bytes: int,
                    modes: tuple[str, ...], with_vmtouch: bool, max_seconds: float, baseline_seconds: float,
                    lock_scope: str, directory: str | None, as_json: bool, plot_path: str | None) -> None:
     """Fill a memory cgroup and compare no locking with prelock's locking.
@@ -75,11 +121,15 @@ def thrash_command(limit_bytes: int, critical_bytes: int, hog_bytes: int, leak_b
     memory in the same cgroup. Without locking the hog typically lives on while the
     critical process stalls on refaults; with locking the OOM killer ends the hog.
     Needs root and a memory cgroup controller (exit code 3 otherwise).
+
+    Sizes not given follow --limit: --critical-size defaults to 3/8 of it and
+    --hog-size to 3/16, so a smaller limit scales both down.
     """
     if with_vmtouch and "vmtouch" not in modes:
         modes = (*modes, "vmtouch")
     if plot_path is not None:
         _check_matplotlib()
+    critical_bytes, hog_bytes = default_sizes(limit_bytes, critical_bytes, hog_bytes)
     settings = thrash.ThrashSettings(limit_bytes=limit_bytes, critical_bytes=critical_bytes,
                                      hog_bytes=hog_bytes, leak_bytes=leak_bytes, modes=modes,
                                      max_seconds=max_seconds, baseline_seconds=baseline_seconds,
@@ -115,7 +165,11 @@ def thrash_command(limit_bytes: int, critical_bytes: int, hog_bytes: int, leak_b
 
 def _check_matplotlib() -> None:
     if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("--plot needs matplotlib, which is not installed: pip install 'prelock[plot]'")
+        # pip of the interpreter that runs prelock installs into the right environment,
+        # such as the venv that the install script creates.
+        pip = os.path.join(os.path.dirname(sys.executable), "pip")
+        raise ConfigError(f"--plot needs matplotlib, which is not installed: run {pip} install matplotlib "
+                          "(or pip install 'prelock[plot]' where prelock was installed with pip)")
 
 
 @contextmanager
@@ -135,22 +189,30 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _progress_display(console: Console) -> Iterator[thrash.ProgressCallback]:
     columns = (TextColumn("{task.fields[phase]:<9}"), BarColumn(bar_width=24), TimeElapsedColumn(),
                TextColumn("{task.fields[detail]}"))
-    with Progress(*columns, console=console, transient=False) as progress:
-        tasks: dict[str, tuple[TaskID, float]] = {}  # phase -> (task, total seconds)
+    progress = Progress(*columns, console=console, transient=False)
+    tasks: dict[str, tuple[TaskID, float]] = {}  # phase -> (task, total seconds)
 
-        def on_progress(update: thrash.Progress) -> None:
-            if update.phase not in tasks:
-                # A new phase starts only after the previous one ended, so mark those finished.
-                for task_id, total_s in tasks.values():
-                    progress.update(task_id, completed=total_s)
-                task_id = progress.add_task("", total=update.total_s, phase=update.phase, detail="")
-                tasks[update.phase] = (task_id, update.total_s)
-            progress.update(tasks[update.phase][0], completed=min(update.elapsed_s, update.total_s),
-                            detail=_progress_detail(update))
+    def on_progress(update: thrash.Progress) -> None:
+        if update.phase not in tasks:
+            if not tasks:
+                # The display starts with the first phase, because a display stopped before
+                # it showed anything still prints an empty line ahead of any error message.
+                progress.start()
+            # A new phase starts only after the previous one ended, so mark those finished.
+            for task_id, total_s in tasks.values():
+                progress.update(task_id, completed=total_s)
+            task_id = progress.add_task("", total=update.total_s, phase=update.phase, detail="")
+            tasks[update.phase] = (task_id, update.total_s)
+        progress.update(tasks[update.phase][0], completed=min(update.elapsed_s, update.total_s),
+                        detail=_progress_detail(update))
 
+    try:
         yield on_progress
         for task_id, total_s in tasks.values():
             progress.update(task_id, completed=total_s)
+    finally:
+        if tasks:
+            progress.stop()
 
 
 def _progress_detail(update: thrash.Progress) -> str:

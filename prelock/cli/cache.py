@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -10,11 +11,15 @@ from typing import Callable
 
 import click
 
-from prelock import native
+from prelock import native, procfs, sysmem
 from prelock.cache import SORT_KEYS, Query, Report, collect
 from prelock.cache_render import render_json, render_plain_table, render_rich_table, render_terse
-from prelock.errors import PrivilegeError
+from prelock.cli import usage_exit
+from prelock.errors import AccessDenied, PrelockError, PrivilegeError, ProcessGone
 from prelock.pagecache import BACKENDS, default_backend
+
+# A day between two listings is already far longer than any watch of the page cache.
+MAX_INTERVAL_S = 86400.0
 
 HELP = """Show how much of each file is in the page cache.
 
@@ -44,10 +49,13 @@ Columns, counts in pages:
 The Sum row adds up the listed files. Its Cached and Percent leave out the files
 shown with "?".
 
-INTERVAL (seconds) repeats the listing; COUNT limits the repetitions. With PATH
-arguments the last one or two arguments are read as INTERVAL and COUNT when they
-are numbers and no file of that name exists. --json then prints one JSON object per
-line.
+INTERVAL (seconds, above 0 and at most 86400) repeats the listing; COUNT limits the
+repetitions. With PATH arguments the last one or two arguments are read as INTERVAL
+and COUNT when they are numbers and no file of that name exists. --json then prints
+one JSON object per line.
+
+The exit code is 1 when PATH arguments were given and no file could be measured,
+and when no process selected by --pid has mappings (a zombie or a kernel thread).
 """
 
 
@@ -76,6 +84,7 @@ def cache(args: tuple[str, ...], recursive: bool, pids: tuple[int, ...], cgroup_
           top: int | None, sort_by: str | None, backend: str, human: bool, bname: bool, terse: bool,
           as_json: bool, nohdr: bool, proc_root: str) -> None:
     paths, interval_s, count = split_interval_args(args)
+    check_procfs_root(proc_root)
     query = build_query(paths, recursive, pids, cgroup_regex, top, sort_by, backend, proc_root)
     if terse and as_json:
         raise click.UsageError("--terse and --json cannot be combined; choose one output format.")
@@ -86,13 +95,15 @@ def cache(args: tuple[str, ...], recursive: bool, pids: tuple[int, ...], cgroup_
         while True:
             report = collect(query, proc_root)
             check_pids_readable(query, report)
+            check_pids_mapped(query, report, proc_root)
             emit(report)
             iteration += 1
             if interval_s is None or (count is not None and iteration >= count):
-                return
+                break
             time.sleep(interval_s)
     except KeyboardInterrupt:
         return
+    check_paths_measured(report)
 
 
 def split_interval_args(args: tuple[str, ...],
@@ -110,9 +121,10 @@ def split_interval_args(args: tuple[str, ...],
         return tuple(rest), None, None
 
     interval_s = float(numbers[0])
-    if interval_s <= 0:
-        raise click.BadParameter(f"expected an interval in seconds above 0, got {numbers[0]!r}",
-                                 param_hint="INTERVAL")
+    # float() reads "1e400" as inf, and time.sleep() rejects inf and 1e308 with OverflowError.
+    if not math.isfinite(interval_s) or not 0 < interval_s <= MAX_INTERVAL_S:
+        raise click.BadParameter(f"expected an interval in seconds above 0 and at most {MAX_INTERVAL_S:g}, "
+                                 f"got {numbers[0]!r}", param_hint="INTERVAL")
     count = None
     if len(numbers) == 2:
         if not numbers[1].isdigit() or int(numbers[1]) < 1:
@@ -128,6 +140,21 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity")
+
+
+def check_procfs_root(proc_root: str) -> None:
+    """Exit with a usage error unless proc_root/meminfo has MemTotal, as every procfs does.
+
+    Without this check an empty directory reads as a machine without processes.
+    """
+    try:
+        meminfo = sysmem.read_meminfo(proc_root)
+    except OSError as exc:
+        problem = exc.strerror or str(exc)
+    else:
+        problem = None if meminfo.get("MemTotal") else "no MemTotal line"
+    if problem is not None:
+        usage_exit(f"cannot read {proc_root}/meminfo: {problem}; is --procfs-root a procfs?")
 
 
 def build_query(paths: tuple[str, ...], recursive: bool, pids: tuple[int, ...], cgroup_regex: str | None,
@@ -170,6 +197,47 @@ def check_pids_readable(query: Query, report: Report) -> None:
     if query.pids and scope.processes == 0 and scope.skipped_processes.get("access denied"):
         raise PrivilegeError(f"access denied to the maps of PID {', '.join(map(str, query.pids))}; "
                              "run as root or as the process owner.")
+
+
+def check_pids_mapped(query: Query, report: Report, proc_root: str = "/proc") -> None:
+    """Raise PrelockError when no process given with --pid has mappings, saying why for each."""
+    scope = report.scope
+    if not query.pids or scope.processes or scope.skipped_processes.get("access denied"):
+        return
+    reasons = "; ".join(describe_unmapped(pid, proc_root) for pid in query.pids)
+    raise PrelockError(f"no mapped files to list: {reasons}")
+
+
+def describe_unmapped(pid: int, proc_root: str = "/proc") -> str:
+    """Say why process pid has no mappings: it is a zombie, a kernel thread, or it exited."""
+    try:
+        state = procfs.read_stat(pid, proc_root).state
+        argv = procfs.read_cmdline(pid, proc_root)
+    except ProcessGone:
+        return f"process {pid} exited"
+    except (AccessDenied, OSError, ValueError) as exc:
+        return f"process {pid} has no mappings ({exc})"
+    if state == "Z":
+        return f"process {pid} is a zombie (it exited and its parent has not reaped it), so it has no mappings"
+    # Only kernel threads have an empty command line and no mappings while they run.
+    if not argv:
+        return f"process {pid} is a kernel thread, which has no mappings"
+    return f"process {pid} has no mappings (state {state})"
+
+
+def check_paths_measured(report: Report) -> None:
+    """Raise PrelockError when files were listed for PATH arguments and none could be measured.
+
+    Scripts can then tell that nothing was measured. fincore (util-linux) is stricter and
+    exits 1 when any file cannot be opened.
+    """
+    if report.scope.processes is not None or not report.files:
+        return
+    if all(record.cached_pages is None for record in report.files):
+        count = len(report.files)
+        failure = ("the listed file could not be measured" if count == 1
+                   else f"none of the {count} listed files could be measured")
+        raise PrelockError(f"{failure}; the reason for each is listed above")
 
 
 def make_emitter(terse: bool, as_json: bool, human: bool, bname: bool, nohdr: bool,

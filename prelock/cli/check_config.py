@@ -18,22 +18,28 @@ FILE defaults to the file that `prelock run` reads: the first existing one of
 FILE - reads the config from standard input.
 
 Every error is printed to stderr with its line and key, and the exit code is 2.
+A valid config whose sizes do not suit this machine (a budget larger than MemTotal,
+a min_available that leaves nothing lockable) gets WARNING lines and exit code 0,
+because the same file may serve nodes of other sizes.
 """
 
 
 @click.command("check-config", help=_HELP)
 @click.argument("file", required=False, type=click.Path(readable=False, allow_dash=True))
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing when the config is valid.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Print nothing but WARNING lines (to stderr) when the config is valid.")
 def check_config(file: str | None, quiet: bool) -> None:
     if file == "-":
         config = parse_config(sys.stdin.read(), "<stdin>")
     else:
         config = load_config(file)
-    if quiet:
-        return
 
     # psutil reports MemTotal from /proc/meminfo as the total.
     memtotal_bytes = psutil.virtual_memory().total
+    if quiet:
+        for warning in size_warnings(config, memtotal_bytes):
+            click.echo(warning, err=True)
+        return
     click.echo(format_summary(config, memtotal_bytes))
 
 
@@ -64,7 +70,32 @@ def format_summary(config: Config, memtotal_bytes: int) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{source}: valid"]
     lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines += size_warnings(config, memtotal_bytes)
     return "\n".join(lines)
+
+
+def size_warnings(config: Config, memtotal_bytes: int) -> list[str]:
+    """Return a WARNING line for each lock size that does not suit a machine with memtotal_bytes.
+
+    These sizes stay valid, because one config file may serve nodes of different sizes.
+    """
+    lock = config.lock
+    budget_bytes = lock.budget.resolve(memtotal_bytes)
+    floor_bytes = lock.min_available.resolve(memtotal_bytes)
+    memtotal = format_size(memtotal_bytes)
+    warnings = []
+    if budget_bytes > memtotal_bytes:
+        warnings.append(f"WARNING: lock.budget {lock.budget} is larger than MemTotal {memtotal} on this "
+                        "machine, so it does not limit locking here (lock.min_available and the daemon's "
+                        "cgroup memory limit still do)")
+    # MemAvailable never exceeds MemTotal, so a floor at MemTotal or above is never met.
+    if floor_bytes >= memtotal_bytes:
+        warnings.append(f"WARNING: lock.min_available {lock.min_available} = {format_size(floor_bytes)} is at "
+                        f"least MemTotal {memtotal} on this machine, so prelock locks nothing here")
+    elif floor_bytes + budget_bytes > memtotal_bytes and budget_bytes <= memtotal_bytes:
+        warnings.append(f"WARNING: lock.min_available {lock.min_available} plus lock.budget {lock.budget} exceed "
+                        f"MemTotal {memtotal} on this machine, so here less than the budget can be locked")
+    return warnings
 
 
 def format_duration(seconds: float) -> str:

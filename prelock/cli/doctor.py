@@ -7,35 +7,63 @@ JSON. The JSON fields are documented in docs/doctor.md. Keep the two in step.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import textwrap
 
 import click
 
 from prelock import doctor as analysis
+from prelock.cli import usage_exit
+from prelock.cli.options import config_option
 from prelock.cli.render import print_table
-from prelock.errors import PrelockError
+from prelock.config import load_config
+from prelock.doctor_snapshot import meminfo_problem
+from prelock.errors import ConfigError, PrelockError
+
+logger = logging.getLogger(__name__)
 
 JSON_SCHEMA_VERSION = 1
 UNACCOUNTED_LABEL = "unaccounted (kernel or driver allocations)"
 TEXT_WIDTH = 96
 GIB = analysis.GIB
+# The rates average over the whole interval, so an interval above an hour is more likely a typo.
+MAX_INTERVAL_S = 3600.0
+
+
+def _check_interval(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    # click's FloatRange lets NaN through (every comparison with NaN is false) and accepts
+    # inf and 1e308, which time.sleep() rejects with OverflowError.
+    if not math.isfinite(value) or not 0 <= value <= MAX_INTERVAL_S:
+        raise click.BadParameter(f"{value:g} is not a number of seconds from 0 to {MAX_INTERVAL_S:g}", ctx, param)
+    return value
 
 
 @click.command("doctor")
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (sizes in bytes, plus GiB and %).")
-@click.option("--interval", "interval_s", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--interval", "interval_s", type=float, default=5.0, show_default=True, callback=_check_interval,
               metavar="SECONDS",
-              help="Seconds over which to sample refaults, faults, reclaim and PSI (0 skips the sampling).")
+              help=f"Seconds over which to sample refaults, faults, reclaim and PSI, from 0 to {MAX_INTERVAL_S:g} "
+                   "(0 skips the sampling).")
 @click.option("--procfs-root", type=click.Path(exists=True, file_okay=False), default="/proc", show_default=True,
               metavar="DIR", help="procfs to read, for example a directory of fixture files.")
 @click.option("--sysfs-root", type=click.Path(exists=True, file_okay=False), default="/sys", show_default=True,
               metavar="DIR", help="sysfs to read (kernel/mm/lru_gen and the memory cgroups under fs/cgroup).")
-def doctor(as_json: bool, interval_s: float, procfs_root: str, sysfs_root: str) -> None:
-    """Show where the node's memory went, whether it thrashes, and what to change."""
+def doctor(config_path: str | None, as_json: bool, interval_s: float, procfs_root: str, sysfs_root: str) -> None:
+    """Show where the node's memory went, whether it thrashes, and what to change.
+
+    The daemon's status file is looked up in the state_dir of the config (-c) and in
+    /run/prelock and /var/lib/prelock.
+    """
+    problem = meminfo_problem(procfs_root)
+    if problem is not None:
+        usage_exit(f"cannot read {procfs_root}/meminfo: {problem}; is --procfs-root a procfs?")
     # The daemon's status files belong to the live system, so a fixture procfs skips them.
     live = os.path.realpath(procfs_root) == "/proc"
-    report = analysis.collect(procfs_root, sysfs_root, interval_s, analysis.STATE_DIRS if live else None)
+    state_dirs = status_directories(config_path) if live else None
+    report = analysis.collect(procfs_root, sysfs_root, interval_s, state_dirs)
 
     if as_json:
         click.echo(json.dumps(report_record(report), indent=2, allow_nan=False))
@@ -46,6 +74,22 @@ def doctor(as_json: bool, interval_s: float, procfs_root: str, sysfs_root: str) 
         meminfo = next(source for source in report.snapshot.sources if source.name == "meminfo")
         raise PrelockError(f"cannot use {meminfo.path}: {meminfo.error}. The breakdown and the verdict "
                            "need it, so check --procfs-root.")
+
+
+def status_directories(config_path: str | None) -> tuple[str, ...]:
+    """Return the config's state_dir followed by the usual state directories, each once.
+
+    An explicit config that cannot be loaded stops the command. The default config is
+    only a hint here, so when it is invalid the usual directories are searched alone.
+    """
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        if config_path is not None:
+            raise
+        logger.warning("state_dir of the default config not searched: %s", exc)
+        return analysis.STATE_DIRS
+    return tuple(dict.fromkeys((str(config.state_dir), *analysis.STATE_DIRS)))
 
 
 # JSON

@@ -145,6 +145,16 @@ def test_cli_json_output(tmp_path):
     assert data["machine"]["cgroup_version"] in (1, 2)
 
 
+def test_cli_limit_alone_scales_default_sizes(tmp_path):
+    cli = run_cli(["--limit", "256MiB", "--modes", "none", "--max-seconds", "3", "--baseline-seconds", "1",
+                   "--json", "--dir", str(tmp_path)])
+    stdout, stderr = cli.communicate(timeout=120)
+    assert cli.returncode == 0, stderr
+    settings = json.loads(stdout)["settings"]
+    assert settings["critical_bytes"] == 96 * MiB
+    assert settings["hog_bytes"] == 48 * MiB
+
+
 def test_cli_rejects_non_root():
     # The interpreter may live where the user nobody cannot read it (under /root, say), so the
     # child imports everything first and then drops its effective uid.

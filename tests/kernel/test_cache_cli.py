@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -317,6 +318,87 @@ def test_fifo_and_directory_listed_with_reason(workdir):
     assert recursive[nested]["pages"] == 2
 
 
+def unmeasurable_paths(workdir: str) -> list[str]:
+    """Create a FIFO, a socket, a symlink loop and a directory; return them with /dev/null and a missing path."""
+    fifo = os.path.join(workdir, "fifo")
+    os.mkfifo(fifo)
+    sock_path = os.path.join(workdir, "sock")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(sock_path)
+    loop = os.path.join(workdir, "loop")
+    os.symlink(loop + "2", loop)
+    os.symlink(loop, loop + "2")
+    directory = os.path.join(workdir, "dir")
+    os.mkdir(directory)
+    return [os.path.join(workdir, "nope"), fifo, sock_path, "/dev/null", directory, loop]
+
+
+def test_no_path_measured_exits_1(workdir):
+    for path in unmeasurable_paths(workdir):
+        result = run_cache(path, check=False)
+        assert result.returncode == 1, (path, result.stderr)
+        assert "1 file not measured (" in result.stdout
+        assert "the listed file could not be measured" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_some_paths_measured_exits_0(workdir):
+    paths = unmeasurable_paths(workdir)
+    data = write_file(os.path.join(workdir, "data"), PAGE)
+
+    result = run_cache("--json", *paths, data, check=False)
+
+    assert result.returncode == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert [entry["path"] for entry in files if entry["cached_pages"] is not None] == [data]
+    assert len(files) == len(paths) + 1
+
+
+def test_interval_too_large_is_usage_error(workdir):
+    data = write_file(os.path.join(workdir, "data"), PAGE)
+
+    result = run_cache(data, "1e308", "2", check=False)
+
+    assert result.returncode == 2, result.stderr
+    assert "expected an interval in seconds above 0 and at most 86400, got '1e308'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_zombie_pid_exits_1():
+    child = subprocess.Popen(["true"])
+    try:
+        # The child stays a zombie until wait() reaps it.
+        while read_state(child.pid) != "Z":
+            os.sched_yield()
+        result = run_cache("--pid", str(child.pid), check=False)
+    finally:
+        child.wait()
+
+    assert result.returncode == 1, result.stderr
+    assert f"process {child.pid} is a zombie" in result.stderr
+    assert result.stdout == ""
+
+
+def read_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rpartition(b")")[2].split()[0].decode()
+
+
+def test_json_recovers_hostile_name(workdir):
+    raw_path = os.fsencode(workdir) + b"/caf\xe9\nlib.so"
+    with open(raw_path, "wb") as f:
+        f.write(os.urandom(PAGE))
+
+    (entry,) = cache_json(os.fsdecode(raw_path))["files"]
+    table = run_cache(os.fsdecode(raw_path)).stdout
+
+    assert bytes.fromhex(entry["path_bytes_hex"]) == raw_path
+    assert entry["path"] == os.fsdecode(raw_path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    assert entry["pages"] == 1
+    assert "caf\\xe9\\nlib.so" in table
+    assert len(table.splitlines()) == 4  # scope, header, the file, Sum
+
+
 def test_unprivileged_unknown_not_100_percent(workdir):
     path = write_file(os.path.join(workdir, "root-owned"), 8 * PAGE)
     os.chmod(path, 0o644)
@@ -327,13 +409,16 @@ def test_unprivileged_unknown_not_100_percent(workdir):
     for backend in ("cachestat", "mincore"):
         if backend == "cachestat" and not native.has_cachestat():
             continue
-        entry = cache_json("--backend", backend, path, unprivileged=True)["files"][0]
+        # Nothing could be measured, so the exit code is 1.
+        result = run_cache("--json", "--backend", backend, path, unprivileged=True, check=False)
+        assert result.returncode == 1, result.stderr
+        entry = json.loads(result.stdout)["files"][0]
         assert entry["cached_pages"] is None, backend
         assert entry["percent"] is None, backend
         assert entry["locked_pages"] is None, backend
         assert entry["error"].startswith("residency unknown"), backend
 
-        table = run_cache("--backend", backend, path, unprivileged=True).stdout
+        table = run_cache("--backend", backend, path, unprivileged=True, check=False).stdout
         row = next(line for line in table.splitlines() if line.startswith(path))
         assert row.split()[1:5] == [str(8 * PAGE), "8", "?", "?"]
 

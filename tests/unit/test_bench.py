@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import re
 import signal
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -13,7 +16,7 @@ from rich.console import Console
 
 from prelock import bench
 from prelock.cli import main
-from prelock.cli.bench import hog_cell, render_table
+from prelock.cli.bench import default_sizes, hog_cell, render_table
 from prelock.config import parse_config
 from prelock.errors import ConfigError, ExitCode, PrivilegeError
 
@@ -178,6 +181,35 @@ def test_settings_reject_working_set_above_limit():
         bench._check_settings(settings)
 
 
+@pytest.mark.parametrize("field", ["max_seconds", "baseline_seconds"])
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, 0.0])
+def test_settings_reject_endless_phase(field, seconds):
+    settings = bench.ThrashSettings(**{field: seconds})
+    with pytest.raises(ConfigError, match=field):
+        bench._check_settings(settings)
+
+
+def test_settings_reject_hog_without_leak():
+    with pytest.raises(ConfigError, match="leak at least one page"):
+        bench._check_settings(bench.ThrashSettings(leak_bytes=0))
+
+
+def test_default_sizes_follow_limit():
+    assert default_sizes(512 * MiB, None, None) == (192 * MiB, 96 * MiB)
+    assert default_sizes(256 * MiB, None, None) == (96 * MiB, 48 * MiB)
+    assert default_sizes(256 * MiB, 64 * MiB, None) == (64 * MiB, 48 * MiB)
+    assert default_sizes(256 * MiB, None, 8 * MiB) == (96 * MiB, 8 * MiB)
+
+
+def test_default_sizes_whole_pages_below_limit():
+    critical_bytes, hog_bytes = default_sizes(100 * MiB + 12345, None, None)
+    assert critical_bytes % 4096 == 0
+    assert hog_bytes % 4096 == 0
+    # The settings check requires the working sets to fit below the limit.
+    bench._check_settings(bench.ThrashSettings(limit_bytes=100 * MiB + 12345, critical_bytes=critical_bytes,
+                                               hog_bytes=hog_bytes))
+
+
 def test_settings_reject_unknown_lock_scope():
     with pytest.raises(ConfigError, match="cluster"):
         bench._check_settings(bench.ThrashSettings(lock_scope="cluster"))
@@ -249,3 +281,51 @@ def test_cli_rejects_invalid_limit():
     result = CliRunner().invoke(main, ["bench", "thrash", "--limit", "512MB"])
     assert result.exit_code == ExitCode.USAGE
     assert "512MB" in result.output
+
+
+@pytest.mark.parametrize("option", ["--max-seconds", "--baseline-seconds"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e308", "0.5"])
+def test_cli_rejects_seconds_out_of_range(option, value):
+    result = CliRunner().invoke(main, ["bench", "thrash", option, value])
+    assert result.exit_code == ExitCode.USAGE
+    assert f"Invalid value for '{option}'" in result.stderr
+    assert "from 1 to 3600" in result.stderr
+
+
+def test_cli_rejects_leak_below_one_page():
+    result = CliRunner().invoke(main, ["bench", "thrash", "--leak", "0"])
+    assert result.exit_code == ExitCode.USAGE
+    assert "less than one page" in result.stderr
+
+
+def test_cli_rejects_size_with_too_many_digits():
+    result = CliRunner().invoke(main, ["bench", "thrash", "--limit", "9" * 400])
+    assert result.exit_code == ExitCode.USAGE
+    assert "too many digits" in result.stderr
+
+
+def test_cli_help_says_sizes_follow_limit():
+    result = CliRunner().invoke(main, ["bench", "thrash", "--help"])
+    text = " ".join(result.output.split())
+    assert "--critical-size defaults to 3/8 of it and --hog-size to 3/16" in text
+    assert "[default: (3/8 of --limit, 192MiB at 512MiB)]" in text
+
+
+def test_cli_error_has_no_leading_empty_line():
+    # Settings that fail only inside the run: as root the working sets exceed the limit,
+    # otherwise the missing privilege stops it first.
+    result = CliRunner().invoke(main, ["bench", "thrash", "--limit", "16KiB", "--critical-size", "8KiB",
+                                       "--hog-size", "8KiB"])
+    assert result.exit_code in (ExitCode.USAGE, ExitCode.MISSING_PRIVILEGE)
+    assert result.stderr.startswith("prelock: ")
+
+
+def test_plot_hint_names_venv_pip(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args))
+    result = CliRunner().invoke(main, ["bench", "thrash", "--plot", "out.png"])
+    assert result.exit_code == ExitCode.USAGE
+    pip = os.path.join(os.path.dirname(sys.executable), "pip")
+    assert result.stderr.startswith(f"prelock: --plot needs matplotlib, which is not installed: run {pip} install "
+                                    "matplotlib")

@@ -5,17 +5,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 
 import click
 import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
 from prelock.cache import (CacheRecord, ProcessRef, ProcessScan, Query, Report, Scope, build_scope, parse_vm_locked_kib,
                            sort_records, sum_row)
-from prelock.cache_render import (TABLE_COLUMNS, TERSE_COLUMNS, printable, render_json, render_notes, render_plain_table,
-                                  render_rich_table, render_terse)
-from prelock.cli.cache import split_interval_args
+from prelock.cache_render import (TABLE_COLUMNS, TERSE_COLUMNS, path_fields, printable, render_json, render_notes,
+                                  render_plain_table, render_rich_table, render_terse)
+from prelock.cli import main
+from prelock.cli.cache import check_paths_measured, describe_unmapped, split_interval_args
+from prelock.errors import PrelockError
 
 PAGE_SIZE = 4096
 
@@ -218,6 +222,51 @@ def test_printable_escapes_bytes_and_newline():
     json.dumps(printable(path)).encode("utf-8")  # no lone surrogates left
 
 
+# A name with a newline, a tab, a byte that is not UTF-8 and a literal backslash-n.
+HOSTILE_NAME = b"/opt/caf\xe9\nlib\tx\\n.so"
+
+
+def test_json_path_exact_for_hostile_name():
+    path = os.fsdecode(HOSTILE_NAME)
+    entry = json.loads(render_json(make_report([record(path, 4096, 1)])))["files"][0]
+
+    assert entry["path"] == "/opt/caf\ufffd\nlib\tx\\n.so"
+    assert bytes.fromhex(entry["path_bytes_hex"]) == HOSTILE_NAME
+
+
+@pytest.mark.parametrize("raw", [b"/opt/a\nb.so", b"/opt/\xff.so", b"/opt/del\x7f.so", b"/opt/c1\xc2\x85.so"])
+def test_json_hex_for_control_or_invalid_bytes(raw):
+    fields = path_fields(os.fsdecode(raw))
+
+    assert bytes.fromhex(fields["path_bytes_hex"]) == raw
+
+
+@pytest.mark.parametrize("raw", [b"/usr/bin/kubelet", b"/opt/a\\nb.so", "/opt/café €.so".encode()])
+def test_json_no_hex_for_printable_utf8(raw):
+    assert path_fields(os.fsdecode(raw)) == {"path": raw.decode()}
+
+
+def test_json_literal_backslash_differs_from_newline():
+    newline = path_fields(os.fsdecode(b"/opt/a\nb"))
+    backslash = path_fields(os.fsdecode(b"/opt/a\\nb"))
+
+    assert newline["path"] != backslash["path"]
+
+
+def test_table_and_terse_rows_never_break():
+    path = os.fsdecode(HOSTILE_NAME)
+    report = make_report([record(path, 4096, 1, processes=(ProcessRef(7, "bad\ncomm"),)), EMPTY])
+
+    table = render_plain_table(report).splitlines()
+    terse = render_terse(report).splitlines()
+
+    assert len(table) == 5  # scope, header, two files, Sum
+    assert table[2].startswith("/opt/caf\\xe9\\nlib\\tx\\n.so ")
+    assert len(terse) == 3  # header, two files
+    assert terse[1].startswith("/opt/caf\\xe9\\nlib\\tx\\n.so,")
+    assert "7:bad\\ncomm" in terse[1]
+
+
 def test_table_prints_undecodable_path():
     path = b"/opt/\xff.so (deleted)".decode("utf-8", "surrogateescape")
     text = render_plain_table(make_report([record(path, 4096, 1)]))
@@ -272,6 +321,16 @@ def test_interval_args_existing_file_stays_path():
     assert split_interval_args(("/bin/ls", "5"), exists) == (("/bin/ls", "5"), None, None)
 
 
+@pytest.mark.parametrize("interval", ["0", "-1", "1e308", "1e400", "86401"])
+def test_interval_args_out_of_range(interval):
+    with pytest.raises(click.BadParameter, match="above 0 and at most 86400"):
+        split_interval_args(("/bin/ls", interval, "2"), lambda path: False)
+
+
+def test_interval_args_at_most_a_day():
+    assert split_interval_args(("/bin/ls", "86400"), lambda path: False) == (("/bin/ls",), 86400.0, None)
+
+
 def test_interval_args_invalid():
     never = lambda path: False  # noqa: E731
     with pytest.raises(click.BadParameter, match="above 0"):
@@ -285,3 +344,55 @@ def test_vm_locked_parsed_in_kib():
     status = b"Name:\tkubelet\nVmPeak:\t  100 kB\nVmLck:\t    7816 kB\nVmPin:\t       0 kB\n"
     assert parse_vm_locked_kib(status) == 7816
     assert parse_vm_locked_kib(b"Name:\tkthreadd\nState:\tS (sleeping)\n") == 0
+
+
+# Exit status and process checks ------------------------------------------------------
+
+def path_report(records: list[CacheRecord]) -> Report:
+    scope = Scope(f"{len(records)} files from {len(records)} paths", None, len(records), len(records), 0, 0, None, {})
+    return Report(PAGE_SIZE, "cachestat", scope, records, sum_row(records), time_unix_s=0.0)
+
+
+def test_paths_none_measured_raises():
+    with pytest.raises(PrelockError, match="none of the 2 listed files could be measured") as raised:
+        check_paths_measured(path_report([FIFO, UNKNOWN]))
+    assert raised.value.exit_code == 1
+
+
+def test_paths_one_unmeasured_raises():
+    with pytest.raises(PrelockError, match="the listed file could not be measured"):
+        check_paths_measured(path_report([FIFO]))
+
+
+def test_paths_some_measured_pass():
+    check_paths_measured(path_report([FIFO, EMPTY]))
+    check_paths_measured(path_report([]))
+
+
+def test_process_selection_never_raises_for_unmeasured():
+    check_paths_measured(make_report([FIFO]))
+
+
+def write_process(procfs, pid: int, state: str, cmdline: bytes) -> None:
+    directory = procfs / str(pid)
+    directory.mkdir(parents=True)
+    (directory / "stat").write_bytes(f"{pid} (name) {state} 1 1 1 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 "
+                                     "100 0 0".encode())
+    (directory / "cmdline").write_bytes(cmdline)
+
+
+def test_describe_unmapped_reasons(tmp_path):
+    write_process(tmp_path, 40, "Z", b"")
+    write_process(tmp_path, 41, "I", b"")
+
+    assert "process 40 is a zombie" in describe_unmapped(40, str(tmp_path))
+    assert describe_unmapped(41, str(tmp_path)) == "process 41 is a kernel thread, which has no mappings"
+    assert describe_unmapped(42, str(tmp_path)) == "process 42 exited"
+
+
+def test_procfs_root_without_meminfo_is_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["cache", "--procfs-root", str(tmp_path), "--top", "3"])
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert f"cannot read {tmp_path}/meminfo: No such file or directory; is --procfs-root a procfs?" in result.stderr

@@ -69,6 +69,9 @@ BAD_CONFIGS = [
     ("unknown log_level", "log_level: verbose\n", "log_level", 1),
     ("log_level uppercase", "log_level: INFO\n", "log_level", 1),
     ("python tag", "others: !!python/name:os.system\n", "others", 1),
+    ("names nested 600 levels", "critical: {names: " + "[" * 600 + "]" * 600 + "}\n", "critical.names[0]", 1),
+    ("merge key", "lock:\n  <<: {mode: mapped}\n", "lock.<<", 2),
+    ("state_dir with NUL", 'state_dir: "/tmp/a\\0b"\n', "state_dir", 1),
 ]
 
 
@@ -181,6 +184,75 @@ def test_summary_resolves_budget_against_memtotal(tmp_path):
     assert "mapped" in result.stdout
     assert "14 names" in result.stdout
     assert "90s" in result.stdout
+
+
+def test_deep_nesting_exits_2_without_traceback(tmp_path):
+    path = write_config(tmp_path, "critical: {names: " + "[" * 600 + "]" * 600 + "}\n")
+
+    result = run_check(str(path))
+
+    assert result.exit_code == 2
+    assert not isinstance(result.exception, RecursionError)
+    assert f"{path}:1: critical.names[0]: nested too deeply" in result.stderr
+
+
+def test_nul_byte_error_is_one_line(tmp_path):
+    path = write_config(tmp_path, "lock:\n  mode: mapped\x00\n")
+
+    result = run_check(str(path))
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[1:] == [
+        f"{path}:2: invalid YAML: character U+0000 (NUL) at column 15 is not allowed; remove it "
+        "(YAML allows no control characters other than tab and line breaks)"]
+
+
+SIZED_FOR_OTHER_NODES = [
+    ("budget above MemTotal", "lock: {budget: 100TiB}\n",
+     "WARNING: lock.budget 100.0TiB is larger than MemTotal 23.5GiB"),
+    ("min_available 100%", "lock: {min_available: 100%}\n",
+     "WARNING: lock.min_available 100% = 23.5GiB is at least MemTotal 23.5GiB"),
+    ("min_available above MemTotal", "lock: {min_available: 64GiB}\n",
+     "WARNING: lock.min_available 64.0GiB = 64.0GiB is at least MemTotal 23.5GiB"),
+    ("min_available and budget above 100%", "lock: {min_available: 96%, budget: 5%}\n",
+     "WARNING: lock.min_available 96% plus lock.budget 5% exceed MemTotal 23.5GiB"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "warning"), SIZED_FOR_OTHER_NODES,
+                         ids=[c[0] for c in SIZED_FOR_OTHER_NODES])
+def test_summary_warns_about_sizes_beyond_memtotal(case, text, warning):
+    summary = format_summary(parse_config(text, "x.yaml"), int(23.5 * (1 << 30)))
+
+    warnings = [line for line in summary.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(warning)
+
+
+def test_summary_of_shipped_config_has_no_warning():
+    summary = format_summary(parse_config(SHIPPED_CONFIG.read_text(), "x.yaml"), int(23.5 * (1 << 30)))
+
+    assert "WARNING" not in summary
+
+
+def test_budget_above_memtotal_warns_and_exits_0(tmp_path):
+    path = write_config(tmp_path, "lock:\n  budget: 100000TiB\n")
+
+    result = run_check(str(path))
+
+    assert result.exit_code == 0, result.stderr
+    assert f"{path}: valid" in result.stdout
+    assert f"WARNING: lock.budget {format_size(100000 << 40)} is larger than MemTotal" in result.stdout
+
+
+def test_quiet_prints_warnings_to_stderr(tmp_path):
+    path = write_config(tmp_path, "lock:\n  min_available: 100%\n")
+
+    result = run_check("--quiet", str(path))
+
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert result.stderr.startswith("WARNING: lock.min_available 100%")
 
 
 def test_quiet_prints_nothing_when_valid(tmp_path):

@@ -261,6 +261,61 @@ def test_yaml_control_character_is_error():
     assert "invalid YAML" in problem.problem
 
 
+def test_yaml_nul_character_names_line_and_column():
+    (problem,) = problems_of("lock:\n  mode: mapped\n  budget: 10%\x00\n")
+
+    assert problem.line == 3
+    assert "U+0000 (NUL) at column 14" in problem.problem
+    assert "\n" not in str(problem)
+
+
+def test_yaml_tab_says_indent_with_spaces():
+    (problem,) = problems_of("lock:\n\tmode: mapped\n")
+
+    assert problem.line == 2
+    assert problem.problem.endswith("indent with spaces, not tabs")
+
+
+def test_yaml_merge_key_not_supported():
+    problems = problems_of("base: &base {mode: mapped}\nlock:\n  <<: *base\n  budget: 5%\n")
+
+    merge = next(p for p in problems if p.key == "lock.<<")
+    assert merge.line == 3
+    assert merge.problem == "YAML merge keys (<<) are not supported"
+    assert merge.expected == "the keys written out in this mapping"
+
+
+@pytest.mark.parametrize("depth", [60, 600, 100_000])
+def test_deep_nesting_names_key(depth):
+    (problem,) = problems_of("critical: {names: " + "[" * depth + "]" * depth + "}\n")
+
+    assert problem.key == "critical.names[0]"
+    assert problem.problem.startswith("nested too deeply")
+    assert problem.line == 1
+
+
+def test_deep_nesting_of_mappings_names_key():
+    depth = 600
+    (problem,) = problems_of("lock: " + "{a: " * depth + "1" + "}" * depth + "\n")
+
+    assert problem.key == "lock.a.a"
+    assert problem.problem.startswith("nested too deeply")
+
+
+def test_nesting_below_limit_reports_value():
+    (problem,) = problems_of("critical: {names: " + "[" * 40 + "]" * 40 + "}\n")
+
+    assert problem.key == "critical.names[0]"
+    assert problem.problem == "invalid value"
+
+
+def test_state_dir_with_nul_byte():
+    (problem,) = problems_of('state_dir: "/tmp/a\\0b"\n')
+
+    assert problem.key == "state_dir"
+    assert problem.problem == "contains a NUL byte"
+
+
 def test_long_values_are_shortened():
     (problem,) = problems_of(f"log_level: {'x' * 500}\n")
 

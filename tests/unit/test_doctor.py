@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,9 @@ def test_gpu_livelock_recommendations(empty_sysfs):
 
     assert {item.key for item in report.recommendations} == ALL_RECOMMENDATIONS
     assert recommendation(report, "run_prelock").commands == ("systemctl enable --now prelock.service",)
+    assert "sudo ./scripts/install-and-run.sh --systemd" in recommendation(report, "run_prelock").note
+    assert "copy systemd/prelock.service from the source to /etc/systemd/system/" in (
+        recommendation(report, "run_prelock").note)
     assert "echo 1000 > /sys/kernel/mm/lru_gen/min_ttl_ms" in recommendation(report, "mglru_min_ttl").commands
     kubelet = " ".join(recommendation(report, "kubelet_reserved").commands)
     assert "--system-reserved=memory=4Gi" in kubelet
@@ -423,13 +427,35 @@ def test_fixture_kubelet_with_reserves_needs_no_kubelet_advice():
     (("prelock", "run"), True),
     (("/usr/local/bin/prelock", "run", "-c", "/etc/prelock/prelock.yaml"), True),
     (("/usr/bin/python3", "-m", "prelock", "--log-level", "debug", "run"), True),
+    (("/opt/prelock/venv/bin/python3.11", "/opt/prelock/venv/bin/prelock", "run"), True),
+    (("python3", "-u", "-X", "dev", "-m", "prelock.cli", "run"), True),
+    (("python", "-mprelock", "run"), True),
     (("prelock", "doctor"), False),
     (("prelockd", "run"), False),
     (("bash", "-c", "prelock run"), False),
+    (("sudo", "prelock", "run"), False),
+    (("sudo", "/usr/local/bin/prelock", "run"), False),
+    (("timeout", "60", "prelock", "run"), False),
+    (("python3", "-c", "import time; time.sleep(60)", "prelock", "run"), False),
+    (("python3", "/usr/bin/other-tool", "prelock", "run"), False),
+    (("python3", "-m", "pytest", "prelock", "run"), False),
+    (("python3",), False),
     ((), False),
 ])
 def test_prelock_run_detection(argv, expected):
     assert doctor.is_prelock_run(argv) is expected
+
+
+def test_same_argv_wrapper_counted_once():
+    argv = ("/usr/bin/python3", "/usr/local/bin/prelock", "run")
+    processes = [
+        doctor.ProcessInfo(10, "sudo", ("sudo", "prelock", "run"), ppid=1),
+        doctor.ProcessInfo(11, "prelock", argv, ppid=10),
+        doctor.ProcessInfo(12, "prelock", argv, ppid=11),
+        doctor.ProcessInfo(20, "prelock", argv, ppid=1),
+    ]
+
+    assert doctor.find_daemons(processes) == (12, 20)
 
 
 def test_status_file_read(tmp_path):
@@ -491,15 +517,37 @@ def test_empty_procfs_reports_everything_unavailable(tmp_path, empty_sysfs):
     assert {source.error for source in report.snapshot.sources} == {"not found"}
 
 
-def test_empty_procfs_cli_exits_with_reason(tmp_path, empty_sysfs):
+@pytest.mark.parametrize("output", [[], ["--json"]], ids=["text", "json"])
+def test_empty_procfs_cli_is_usage_error(tmp_path, empty_sysfs, output):
     procfs = tmp_path / "proc"
     procfs.mkdir()
 
-    result = run_cli("--json", "--interval", "0", "--procfs-root", str(procfs), "--sysfs-root", empty_sysfs)
+    result = run_cli(*output, "--interval", "0", "--procfs-root", str(procfs), "--sysfs-root", empty_sysfs)
 
-    assert result.exit_code == 1
-    assert f"cannot use {procfs}/meminfo: not found" in result.output
-    assert "so check --procfs-root" in result.output
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr == f"prelock: cannot read {procfs}/meminfo: not found; is --procfs-root a procfs?\n"
+
+
+def test_procfs_without_memtotal_is_usage_error(tmp_path, empty_sysfs):
+    procfs = tmp_path / "proc"
+    procfs.mkdir()
+    (procfs / "meminfo").write_text("MemFree: 1 kB\n")
+
+    result = run_cli("--interval", "0", "--procfs-root", str(procfs), "--sysfs-root", empty_sysfs)
+
+    assert result.exit_code == 2
+    assert "meminfo: invalid content: no MemTotal line; is --procfs-root a procfs?" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e308", "-1", "3601"])
+def test_interval_out_of_range_is_usage_error(value):
+    result = run_cli("--interval", value, "--procfs-root", str(GPU_NODE))
+
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Invalid value for '--interval'" in result.stderr
+    assert "from 0 to 3600" in result.stderr
 
 
 def test_missing_procfs_root_is_usage_error(tmp_path):
@@ -720,8 +768,34 @@ def test_live_residency_cachestat_and_mincore_agree(tmp_path, started):
         assert by_cachestat.cached_pages == by_mincore.cached_pages
 
 
+def fake_prelock(tmp_path: Path, body: str) -> Path:
+    """Write a Python script named prelock that runs body, so `python .../prelock run` runs it."""
+    path = tmp_path / "bin" / "prelock"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(f"import os, subprocess, sys, time\n{body}\n")
+    return path
+
+
+def wait_for_child_running(pid: int, script: Path) -> int:
+    """Return the PID of pid's child once the child has exec'd the interpreter on script."""
+    for _ in range(100000):
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if children and str(script).encode() in Path(f"/proc/{children[0]}/cmdline").read_bytes():
+                return int(children[0])
+        except FileNotFoundError:
+            break
+        os.sched_yield()
+    pytest.fail(f"process {pid} did not start {script}")
+
+
+def our_daemons(protection: doctor.Protection, pids: set[int]) -> set[int]:
+    return set(protection.daemon_pids) & pids
+
+
 def test_live_prelock_daemon_and_early_oom_found(tmp_path, started):
-    daemon = started([sys.executable, "-c", "import time; time.sleep(60)", "prelock", "run"])
+    script = fake_prelock(tmp_path, "time.sleep(60)")
+    daemon = started([sys.executable, str(script), "run"])
     earlyoom = started([str(named_sleep(tmp_path, "earlyoom")), "60"])
     wait_for_comm(earlyoom.pid, "earlyoom")
 
@@ -729,3 +803,59 @@ def test_live_prelock_daemon_and_early_oom_found(tmp_path, started):
 
     assert daemon.pid in protection.daemon_pids
     assert earlyoom.pid in [process.pid for process in protection.early_oom]
+
+
+def test_live_shell_wrapper_not_counted(tmp_path, started):
+    script = fake_prelock(tmp_path, "time.sleep(60)")
+    # The shell's own argv names prelock and run. The trailing `; exit` keeps the shell
+    # alive as the daemon's parent instead of exec'ing the daemon.
+    shell = started(["sh", "-c", '"$0" "$@"; exit 0', sys.executable, str(script), "run"])
+    daemon_pid = wait_for_child_running(shell.pid, script)
+    try:
+        protection = doctor.inspect_protection("/proc", None, None)
+    finally:
+        os.kill(daemon_pid, signal.SIGKILL)
+
+    assert our_daemons(protection, {shell.pid, daemon_pid}) == {daemon_pid}
+
+
+def test_live_same_argv_wrapper_not_counted(tmp_path, started):
+    # The script runs itself again as a child with the same argv, as a wrapper might.
+    script = fake_prelock(tmp_path, "if os.environ.get('FAKE_PRELOCK_CHILD'):\n"
+                                    "    time.sleep(60)\n"
+                                    "else:\n"
+                                    "    os.environ['FAKE_PRELOCK_CHILD'] = '1'\n"
+                                    "    subprocess.run([sys.executable, *sys.argv])\n")
+    parent = started([sys.executable, str(script), "run"])
+    child_pid = wait_for_child_running(parent.pid, script)
+    try:
+        protection = doctor.inspect_protection("/proc", None, None)
+    finally:
+        os.kill(child_pid, signal.SIGKILL)
+
+    assert our_daemons(protection, {parent.pid, child_pid}) == {child_pid}
+
+
+def test_live_status_file_in_config_state_dir(tmp_path):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "status.json").write_text(json.dumps({"pid": 77, "locked_bytes": 4096, "updated_at": 0}))
+    config = tmp_path / "prelock.yaml"
+    config.write_text(f"state_dir: {state_dir}\n")
+
+    result = run_cli("--json", "--interval", "0", "-c", str(config))
+
+    assert result.exit_code == 0, result.output
+    status_files = json.loads(result.stdout)["protection"]["status_files"]
+    assert status_files[0]["path"] == str(state_dir / "status.json")
+    assert status_files[0]["locked_bytes"] == 4096
+
+
+def test_invalid_config_option_is_usage_error(tmp_path):
+    config = tmp_path / "prelock.yaml"
+    config.write_text("state_dir: relative\n")
+
+    result = run_cli("--interval", "0", "-c", str(config))
+
+    assert result.exit_code == 2
+    assert f"{config}:1: state_dir: not an absolute path" in result.stderr
