@@ -13,6 +13,8 @@
 set -euo pipefail
 
 repo_root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/debian-packages.sh
+source "$repo_root/scripts/debian-packages.sh"
 
 BUILD_PACKAGES=(python3 python3-venv python3-dev gcc libffi-dev)
 VENV_DIR=${PRELOCK_VENV:-/opt/prelock/venv}
@@ -40,16 +42,6 @@ die() {
 
 usage() {
     sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
-}
-
-list_missing_packages() {
-    local package status
-    for package in "$@"; do
-        status=$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null || true)
-        if [[ $status != installed ]]; then
-            printf '%s\n' "$package"
-        fi
-    done
 }
 
 install_missing_packages() {

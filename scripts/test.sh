@@ -10,6 +10,8 @@
 set -euo pipefail
 
 repo_root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/debian-packages.sh
+source "$repo_root/scripts/debian-packages.sh"
 cd "$repo_root"
 
 # util-linux provides fincore(1), and systemd provides systemd-analyze(1).
@@ -26,16 +28,6 @@ log() {
 die() {
     log "error: $*"
     exit 1
-}
-
-list_missing_packages() {
-    local package status
-    for package in "$@"; do
-        status=$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null || true)
-        if [[ $status != installed ]]; then
-            printf '%s\n' "$package"
-        fi
-    done
 }
 
 # Debian maintainer scripts start the services they install (sshd, containerd)
