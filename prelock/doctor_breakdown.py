@@ -94,7 +94,7 @@ def build_breakdown(meminfo: dict[str, int]) -> Breakdown:
     On x86_64 and arm64 kernels built with CONFIG_VMAP_STACK (the default), thread
     stacks come from vmalloc and are in both KernelStack and VmallocUsed, so vmalloc
     counts VmallocUsed - KernelStack. VmallocUsed counts only pages vmalloc allocated,
-    not ioremap ranges, since Linux 5.3. A kernel that prints 0 there leaves vmalloc
+    not ioremap ranges. A kernel that prints 0 there (some do) leaves vmalloc
     memory in the unaccounted remainder. SwapCached pages that a process maps are also
     in AnonPages, so with swap in use the sum can count them twice and understate the
     unaccounted remainder by up to SwapCached.
