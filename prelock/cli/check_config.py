@@ -13,8 +13,8 @@ from prelock.units import format_size
 
 _HELP = f"""Validate a config file and print a summary of its settings.
 
-FILE defaults to the file that `prelock run` reads: the first existing one of
-{", ".join(DEFAULT_CONFIG_PATHS)}. When none exists, the built-in defaults are checked.
+FILE defaults to the file that `prelock run` reads, {", then ".join(DEFAULT_CONFIG_PATHS)}.
+When it does not exist, the built-in defaults are checked.
 FILE - reads the config from standard input.
 
 Every error is printed to stderr with its line and key, and the exit code is 2.
@@ -52,9 +52,8 @@ def format_summary(config: Config, memtotal_bytes: int) -> str:
         source = f"built-in defaults (no file at {', '.join(DEFAULT_CONFIG_PATHS)})"
     rows = [
         ("mode", lock.mode),
-        ("budget", f"{lock.budget} = {format_size(lock.budget.resolve(memtotal_bytes))}"
-                   f" of MemTotal {format_size(memtotal_bytes)}"),
-        ("min_available", f"{lock.min_available} = {format_size(lock.min_available.resolve(memtotal_bytes))}"),
+        ("budget", _resolved(lock.budget, memtotal_bytes)),
+        ("min_available", _resolved(lock.min_available, memtotal_bytes)),
         ("max_file_size", format_size(lock.max_file_size_bytes)),
         ("critical", f"{len(critical.names)} names, {len(critical.exe)} exe globs,"
                      f" {len(critical.cgroups)} cgroup regexes, {len(critical.pod_cgroups)} pod cgroup regexes"),
@@ -106,3 +105,10 @@ def format_duration(seconds: float) -> str:
         if seconds >= unit_s and seconds % unit_s == 0:
             return f"{seconds / unit_s:g}{unit}"
     return f"{seconds * 1000:g}ms"
+
+
+def _resolved(size, memtotal_bytes: int) -> str:
+    """Show a percentage with what it means on this machine, and a size as it is."""
+    if size.fraction is None:
+        return str(size)
+    return f"{size} of MemTotal {format_size(memtotal_bytes)} = {format_size(size.resolve(memtotal_bytes))}"

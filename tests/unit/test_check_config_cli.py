@@ -179,7 +179,7 @@ def test_summary_resolves_budget_against_memtotal(tmp_path):
     result = run_check(str(path))
 
     assert result.exit_code == 0, result.stderr
-    expected_budget = f"20% = {format_size(int(memtotal_bytes * 0.2))} of MemTotal {format_size(memtotal_bytes)}"
+    expected_budget = f"20% of MemTotal {format_size(memtotal_bytes)} = {format_size(int(memtotal_bytes * 0.2))}"
     assert expected_budget in result.stdout
     assert "mapped" in result.stdout
     assert "14 names" in result.stdout
@@ -292,8 +292,8 @@ def test_format_summary_for_defaults():
     summary = format_summary(Config(), 64 << 30)
 
     assert summary.splitlines()[0] == "built-in defaults (no file at /etc/prelock/prelock.yaml): valid"
-    assert "10% = 6.4GiB of MemTotal 64.0GiB" in summary
-    assert "5% = 3.2GiB" in summary
+    assert "10% of MemTotal 64.0GiB = 6.4GiB" in summary
+    assert "5% of MemTotal 64.0GiB = 3.2GiB" in summary
     assert "interval       1m" in summary
     assert "linger         10m" in summary
     assert "metrics        off" in summary
