@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prelock import native, privilege, snapshot, state
+from prelock.cache_render import printable
 from prelock.config import Config, load_config
 from prelock.errors import ConfigError, PrivilegeError
 from prelock.files import FileKey
@@ -123,7 +124,7 @@ class Daemon:
         for key, path, reason in report.skipped:
             self._warn(key, path, reason)
         for key, path in report.changed:
-            log.info("file changed while locked, re-checked next cycle: %s", path)
+            log.info("file changed while locked, re-checked next cycle: %s", printable(path))
         if report.memlock_limited:
             self._warn("memlock", "RLIMIT_MEMLOCK", "limit reached: grant CAP_IPC_LOCK or raise "
                        "LimitMEMLOCK (systemd) / ulimit -l to lock more")
@@ -131,8 +132,9 @@ class Daemon:
     def _warn_denied(self, scan: ScanResult) -> None:
         if scan.processes_denied and not self._denied_warned:
             self._denied_warned = True
-            log.warning("%d processes could not be read (access denied): their code is not locked; "
-                        "run as root with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH", scan.processes_denied)
+            log.warning("%d processes could not be read (access denied): their code is not locked; the "
+                        "daemon needs root with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, and a sandbox or "
+                        "Yama ptrace policy can deny some processes even then", scan.processes_denied)
 
     def _warn(self, subject: FileKey | str, path: str, reason: str) -> None:
         # Skip reasons that are not a problem (tmpfs, devices) stay at debug level.
@@ -143,7 +145,8 @@ class Daemon:
         if (subject, reason) in self.warned:
             return
         self.warned.add((subject, reason))
-        log.warning("skipped %s: %s", path, reason)
+        # Any local user chooses file names: escaped, a newline cannot forge a log line.
+        log.warning("skipped %s: %s", printable(path), reason)
 
     def _log_summary(self, summary: CycleSummary) -> None:
         by_tier = self.locker.locked_bytes_by_tier()
@@ -302,8 +305,12 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc)
 
 
-def run(daemon: Daemon, max_cycles: int | None = None) -> None:
-    """Run cycles every scan.interval until SIGTERM or SIGINT; SIGHUP reloads the config."""
+def run(daemon: Daemon, max_cycles: int | None = None, restore: bool = True) -> None:
+    """Restore the snapshot, then run cycles every scan.interval until SIGTERM or SIGINT.
+
+    SIGHUP reloads the config. The handlers are in place before the restore, which can
+    take seconds from a cold cache, so no signal finds the default action.
+    """
     wake_read, wake_write = socket.socketpair()
     wake_read.setblocking(False)
     wake_write.setblocking(False)
@@ -319,6 +326,10 @@ def run(daemon: Daemon, max_cycles: int | None = None) -> None:
         signal.signal(signum, on_signal)
 
     try:
+        # A status file from before the restore tells `prelock status` this daemon runs.
+        daemon.write_status()
+        if restore:
+            daemon.restore_snapshot()
         _loop(daemon, pending, wake_read, max_cycles)
     finally:
         sd_notify("STOPPING=1")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from prelock import cgroupfs, pagemap, procfs
 from prelock.config import Config
-from prelock.errors import AccessDenied, ProcessGone
+from prelock.errors import AccessDenied, PrelockError, ProcessGone
 from prelock.files import FileKey, FileSkipped, open_mapped_file, path_skip_reason
 from prelock.native import PAGE_SIZE
 from prelock.plan import FileSource, MemoryState, Plan, SkippedFile, build_plan, merge_ranges, path_selected
@@ -161,6 +161,8 @@ def scan_and_plan(config: Config, proc_root: str = "/proc", held_bytes: int = 0)
     scan = collect(targets, config, proc_root)
     scan.processes_denied += denied
     meminfo = read_meminfo(proc_root)
+    if "MemTotal" not in meminfo:
+        raise PrelockError(f"{proc_root}/meminfo has no MemTotal line: is {proc_root} a procfs mount?")
     memory = MemoryState(
         total_bytes=meminfo["MemTotal"],
         available_bytes=meminfo.get("MemAvailable", meminfo.get("MemFree", 0)),

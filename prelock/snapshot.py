@@ -74,7 +74,7 @@ def _parse_entry(index: int, item: object) -> SnapshotEntry:
                               int(item["mtime_ns"]), item["tier"], extents)
     except KeyError as exc:
         raise ValueError(f"entry {index} has no {exc.args[0]!r}") from None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"entry {index} has a value of the wrong type") from None
     if any(first < 0 or last <= first for first, last in entry.extents):
         raise ValueError(f"entry {index} ({entry.path!r}) has invalid extents")

@@ -33,9 +33,13 @@ def acquire(state_dir: str | os.PathLike) -> int:
 
     path = directory / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as exc:
-        raise PrelockError(f"cannot open {path}: {exc.strerror}") from None
+        raise PrelockError(f"cannot open {path}: {exc.strerror}: state_dir must be a writable directory "
+                           "(set state_dir or fix its permissions)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PrelockError(f"{path} is not a regular file: remove it so the daemon can create its lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -53,8 +57,13 @@ def acquire(state_dir: str | os.PathLike) -> int:
 def write_json(path: Path, record: dict) -> None:
     """Replace path with record atomically: a reader sees the old or the new file whole."""
     temporary = path.with_name(path.name + ".tmp")
+    # Whatever sits at the temporary name (a FIFO would block the open, a symlink would
+    # redirect the write) is removed, and O_EXCL | O_NOFOLLOW create a new regular file.
+    temporary.unlink(missing_ok=True)
     try:
-        temporary.write_text(json.dumps(record))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
         temporary.replace(path)
     except OSError:
         temporary.unlink(missing_ok=True)

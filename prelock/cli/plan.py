@@ -38,8 +38,9 @@ def plan(config_path: str | None, as_json: bool, mode: str | None, proc_root: st
 
     result, scan = scan_and_plan(config, proc_root)
     if scan.processes_denied:
-        click.echo(f"prelock: {scan.processes_denied} processes could not be read (access denied) and are "
-                   "missing from the plan: run as root", err=True)
+        click.echo(f"prelock: processes not readable (access denied), missing from the plan: "
+                   f"{scan.processes_denied}; run as root with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH "
+                   "(a sandbox or Yama ptrace policy can deny some processes even then)", err=True)
     if as_json:
         click.echo(json.dumps(plan_record(result, scan.targets_read), indent=2))
     else:

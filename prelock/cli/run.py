@@ -43,6 +43,4 @@ def run(ctx: click.Context, config_path: str | None, cycles: int | None, proc_ro
         daemon.metrics = Metrics(config.metrics.listen)
     log.info("starting: config=%s mode=%s budget=%s interval=%.0fs", config.source, config.lock.mode,
              config.lock.budget, config.scan.interval_s)
-    if restore:
-        daemon.restore_snapshot()
-    daemon_module.run(daemon, max_cycles=cycles)
+    daemon_module.run(daemon, max_cycles=cycles, restore=restore)

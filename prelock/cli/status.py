@@ -56,6 +56,7 @@ def _render(record: dict) -> None:
                f"locked={format_size(record['locked_bytes'])}")
 
 
+_MAX_LENGTH_BYTES = 1 << 40
 _FILE_FIELDS = {"path": str, "tier": str, "locked_bytes": int, "address": int, "length_bytes": int}
 
 
@@ -92,6 +93,9 @@ def _status_problem(record: object) -> str | None:
         for key, kind in _FILE_FIELDS.items():
             if type(held.get(key)) is not kind:
                 return f"files[{index}].{key} is missing or not {'a string' if kind is str else 'an integer'}"
+        # The daemon maps at most one file of lock.max_file_size, and verify reads its pagemap.
+        if not 0 < held["length_bytes"] <= _MAX_LENGTH_BYTES:
+            return f"files[{index}].length_bytes {held['length_bytes']} is out of range"
     return None
 
 

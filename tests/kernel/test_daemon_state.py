@@ -83,6 +83,18 @@ def test_bad_procfs_root(work: Path, root: str):
         assert "Traceback" not in done.stderr
 
 
+def test_procfs_root_without_memtotal(work: Path):
+    fake = work / "fakeproc"
+    (fake / "self").mkdir(parents=True)
+    (fake / "meminfo").write_text("garbage\n")
+    config = daemonproc.write_config(work / "c.yaml", daemonproc.restricted_config(work))
+    done = subprocess.run([sys.executable, "-m", "prelock.cli", "plan", "-c", str(config), "--procfs-root",
+                           str(fake)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "has no MemTotal line" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_reload_of_deeply_nested_config_keeps_running(work: Path):
     program = daemonproc.build_map_program(work)
     data = daemonproc.write_file(work / "data" / "code.bin", 256 << 10)

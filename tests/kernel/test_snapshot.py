@@ -52,8 +52,9 @@ def wait_for_status(work: Path, process: subprocess.Popen) -> dict:
         assert process.poll() is None, "the daemon exited early"
         if status_path.exists():
             status = json.loads(status_path.read_text())
-            # The first run left its own status file behind.
-            if status["pid"] == process.pid:
+            # The first run left its own status file behind, and this daemon writes one
+            # before its restore: wait for its first cycle.
+            if status["pid"] == process.pid and status["cycles"] >= 1:
                 return status
         time.sleep(0.05)
     raise AssertionError("the daemon wrote no status file within 60 s")

@@ -38,6 +38,8 @@ def valid_record(pid: int) -> dict:
     ('{"pid": 1, "cycles": 1, "locked_bytes": 0, "files": [{}]}', "files[0].path is missing"),
     ('{"pid": 1, "cycles": 1, "locked_bytes": "big", "files": []}', "'locked_bytes' is missing"),
     ("{not json", "not valid JSON"),
+    ('{"pid": 1, "cycles": 1, "locked_bytes": 0, "files": [{"path": "/x", "tier": "critical", '
+     '"locked_bytes": 0, "address": 4096, "length_bytes": 1180591620717411303424}]}', "out of range"),
 ])
 def test_status_malformed_file(state: Path, content: str, expected: str):
     (state / "status.json").write_text(content)
