@@ -56,9 +56,15 @@ class Daemon:
     last_summary: CycleSummary | None = None
     # Set by SIGTERM and SIGINT, so a long apply stops between two files.
     stopping: bool = False
+    # The --log-level given on the command line, which a reloaded log_level must not override.
+    log_level_override: str | None = None
     _snapshot_signature: tuple = ()
     _denied_warned: bool = False
     _warned_this_cycle: set = field(default_factory=set)
+    _started_config: Config | None = None
+
+    def __post_init__(self) -> None:
+        self._started_config = self.config
 
     def cycle(self) -> CycleSummary:
         """Scan, plan, release what left the plan, then lock what is new in it."""
@@ -231,9 +237,14 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - a failed reload must never stop the daemon
             log.error("reload failed, keeping the running config: %s: %s", type(exc).__name__, exc)
             return
-        if config.metrics.listen != self.config.metrics.listen:
-            log.warning("metrics.listen changed from %r to %r: restart prelock to apply it",
-                        self.config.metrics.listen or "", config.metrics.listen or "")
+        # The metrics server started with the first config and keeps its address.
+        serving = self._started_config.metrics.listen or ""
+        if (config.metrics.listen or "") != serving:
+            log.warning("metrics.listen is %r in the new config but %r is in force: restart prelock to "
+                        "apply it", config.metrics.listen or "", serving)
+            config = dataclasses.replace(config, metrics=self._started_config.metrics)
+        if self.log_level_override is None and config.log_level != self.config.log_level:
+            logging.getLogger().setLevel(config.log_level.upper())
         if Path(config.state_dir) != Path(self.config.state_dir):
             # The running daemon holds the lock of its state_dir.
             log.warning("state_dir changed from %s to %s: restart prelock to apply it",

@@ -29,6 +29,7 @@ Exit codes:
   1  runtime failure
   2  usage error or invalid configuration
   3  missing privilege (root, CAP_IPC_LOCK, RLIMIT_MEMLOCK)
+  130  interrupted by Ctrl-C (bench, after its cleanup)
 """
 
 

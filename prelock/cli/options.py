@@ -20,5 +20,5 @@ def _check_procfs_root(_ctx: click.Context, _param: click.Parameter, root: str) 
 
 
 procfs_root_option = click.option(
-    "--procfs-root", "proc_root", default="/proc", show_default=True, callback=_check_procfs_root,
+    "--procfs-root", "proc_root", metavar="DIR", default="/proc", show_default=True, callback=_check_procfs_root,
     help="Where procfs is mounted (a host /proc bind-mounted into a container, say).")

@@ -9,7 +9,7 @@ import os
 import click
 
 from prelock.cli.options import config_option, procfs_root_option
-from prelock.cache_render import printable
+from prelock.cache_render import path_fields, printable
 from prelock.cli.render import print_table
 from prelock.config import load_config
 from prelock.errors import ExitCode
@@ -59,7 +59,7 @@ def plan_record(result: Plan, processes: int) -> dict:
         "totals": totals(result),
         "files": [
             {
-                "path": f.path,
+                **path_fields(f.path),
                 "tier": f.tier,
                 "dev": f.key[0],
                 "inode": f.key[1],
@@ -73,7 +73,7 @@ def plan_record(result: Plan, processes: int) -> dict:
             for f in result.files
         ],
         "skipped": [
-            {"path": s.path, "reason": s.reason, "tier": s.tier, "size_bytes": s.size_bytes}
+            {**path_fields(s.path), "reason": s.reason, "tier": s.tier, "size_bytes": s.size_bytes}
             for s in result.skipped
         ],
     }

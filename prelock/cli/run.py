@@ -36,7 +36,7 @@ def run(ctx: click.Context, config_path: str | None, cycles: int | None, proc_ro
     # Held until the process exits: the kernel drops a flock with its last descriptor.
     state.acquire(config.state_dir)
     daemon_module.lock_own_pages(current)
-    daemon = daemon_module.Daemon(config, config_path, proc_root)
+    daemon = daemon_module.Daemon(config, config_path, proc_root, log_level_override=ctx.obj.get("log_level"))
     if config.metrics.listen:
         from prelock.metrics import Metrics
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import click
 
 from prelock import pagemap, procfs, state
 from prelock.cli.options import config_option
-from prelock.cache_render import printable
+from prelock.cache_render import path_fields, printable
 from prelock.cli.render import print_table
 from prelock.config import load_config
 from prelock.daemon import STATUS_FILE
@@ -31,22 +32,36 @@ def status(config_path: str | None, as_json: bool, verify: bool) -> None:
     config = load_config(config_path)
     path = os.path.join(config.state_dir, STATUS_FILE)
     record = read_status(path)
-    record["running"] = bool(record.get("running", True)) and _is_running(record["pid"])
+    stopped_cleanly = record.get("running", True) is False
+    record["running"] = not stopped_cleanly and _is_running(record["pid"])
     if verify and record["running"]:
         _verify(record)
 
+    age_s = time.time() - record["updated_at"] if isinstance(record.get("updated_at"), (int, float)) else 0.0
+    # A cycle rewrites the file every scan.interval; three missed rewrites mean a stuck daemon.
+    stale = record["running"] and age_s > 3 * config.scan.interval_s + 60
+    if stale:
+        click.echo(f"prelock: the status file is {age_s:.0f} s old with scan.interval "
+                   f"{config.scan.interval_s:.0f} s: the daemon may be stuck, or cannot write to state_dir "
+                   "(see its log)", err=True)
+
     if as_json:
+        record["files"] = [{**held, **path_fields(held["path"])} for held in record["files"]]
         click.echo(json.dumps(record, indent=2))
     else:
-        _render(record)
-    if not record["running"]:
+        _render(record, stopped_cleanly)
+    if not record["running"] or stale:
         raise SystemExit(int(ExitCode.RUNTIME_FAILURE))
 
 
-def _render(record: dict) -> None:
-    if not record["running"]:
+def _render(record: dict, stopped_cleanly: bool) -> None:
+    if stopped_cleanly:
         click.echo(f"prelock: no daemon runs with this state_dir: pid {record['pid']} has stopped "
                    "and holds nothing", err=True)
+        return
+    if not record["running"]:
+        click.echo(f"prelock: no daemon runs with this state_dir: pid {record['pid']} is no longer a "
+                   "prelock daemon (it was killed), so it holds nothing", err=True)
         return
     rows = [[f["tier"], printable(f["path"]), format_size(f["locked_bytes"]),
              "-" if f.get("mlocked_bytes") is None else format_size(f["mlocked_bytes"])]

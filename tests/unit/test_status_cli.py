@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +80,18 @@ def test_status_dead_pid_exits_1(state: Path):
     result = run_status(state, "--json")
     assert result.exit_code == 1
     assert json.loads(result.stdout)["running"] is False
+
+
+def test_status_stale_file_exits_1(state: Path):
+    # A child whose command line names prelock stands in for a daemon that stopped cycling.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "prelock"])
+    try:
+        record = valid_record(child.pid)
+        record["updated_at"] = time.time() - 3600
+        (state / "status.json").write_text(json.dumps(record))
+        result = run_status(state, "--no-verify")
+    finally:
+        child.kill()
+        child.wait()
+    assert result.exit_code == 1
+    assert "the daemon may be stuck" in result.output
