@@ -17,7 +17,7 @@ from prelock.cache_render import printable
 from prelock.config import Config, load_config
 from prelock.errors import ConfigError, PrivilegeError
 from prelock.files import FileKey
-from prelock.locker import Locker
+from prelock.locker import REASON_STOPPING, Locker
 from prelock.plan import TIERS, MemoryState, Plan, budget_bytes
 from prelock.scan import ScanResult, own_cgroup_limit_bytes, scan_and_plan
 from prelock.sysmem import read_meminfo
@@ -255,7 +255,8 @@ class Daemon:
         log.info("reloaded config from %s", config.source)
 
 
-_ROUTINE_SKIPS = {"not a file mapping", "in-memory or device file", "on tmpfs", "on ramfs", "on hugetlbfs"}
+_ROUTINE_SKIPS = {"not a file mapping", "in-memory or device file", "on tmpfs", "on ramfs", "on hugetlbfs",
+                  REASON_STOPPING}
 
 
 def _held_file_unlinked(addr: int, length_bytes: int) -> bool:

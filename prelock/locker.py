@@ -41,6 +41,10 @@ REASON_MEMLOCK = "RLIMIT_MEMLOCK reached"
 REASON_VMA_LIMIT = "VMA limit"
 REASON_KEY_CHANGED = "the mapped file was replaced since the scan"
 REASON_NO_EXTENTS = "no pages planned"
+REASON_STOPPING = "the daemon is stopping"
+
+# 64 MiB of 4 KiB pages: about half a second from a disk that reads 128 MiB/s.
+POPULATE_CHUNK_PAGES = (64 << 20) // native.PAGE_SIZE
 
 # mlock2 fails with ENOMEM (or EAGAIN) when RLIMIT_MEMLOCK is too small for the mapping
 # and with EPERM when the limit is 0, unless the caller has CAP_IPC_LOCK. The limit
@@ -113,6 +117,7 @@ class Locker:
                                "prelock needs Linux 5.14 or later")
         self._procfs = procfs
         self._held: dict[FileKey, HeldFile] = {}
+        self._should_stop: Callable[[], bool] | None = None
         # Past vm.max_map_count, mmap and every VMA split fail with ENOMEM, and malloc in
         # this process can fail too, so the held set stays below half of it.
         self.max_vmas = max_vmas if max_vmas is not None else read_max_map_count(procfs) // 2
@@ -134,12 +139,16 @@ class Locker:
         cycle = _Cycle(budget_bytes, self.total_locked_bytes(), self.vma_count())
         report = ApplyReport()
 
-        for planned in planned_files:
-            # Populating a large cold file takes seconds, so a stop request is honoured
-            # between files.
-            if should_stop is not None and should_stop():
-                break
-            self._apply_one(planned, present_by_key.pop(planned.key, None), cycle, report)
+        # Populating a large cold file takes seconds, so a stop request is honoured
+        # between files and between populate chunks.
+        self._should_stop = should_stop
+        try:
+            for planned in planned_files:
+                if should_stop is not None and should_stop():
+                    break
+                self._apply_one(planned, present_by_key.pop(planned.key, None), cycle, report)
+        finally:
+            self._should_stop = None
 
         report.memlock_limited = cycle.memlock_limited
         report.locked_bytes_by_tier = self.locked_bytes_by_tier()
@@ -209,7 +218,7 @@ class Locker:
         if cycle.total_bytes + count_pages(missing) * PAGE_SIZE > cycle.budget_bytes:
             raise _Skipped(REASON_OVER_BUDGET)
 
-        _populate(held.addr, missing, held.path)
+        _populate(held.addr, missing, held.path, self._should_stop)
         locked_bytes = self._measure(held.addr, held.length_bytes)
 
         # The new pages cannot be unlocked without splitting the VMA, so a file that
@@ -297,7 +306,7 @@ class Locker:
             raise
         # Without MADV_RANDOM, each cold fault reads read_ahead_kb around the page.
         native.madvise(addr, length_bytes, native.MADV_RANDOM, path=path)
-        _populate(addr, extents, path)
+        _populate(addr, extents, path, self._should_stop)
         return self._measure(addr, length_bytes)
 
     def _open(self, planned: PlannedFile) -> OpenedFile:
@@ -455,22 +464,34 @@ def _mmap_aligned(fd: int, length_bytes: int, path: str) -> int:
     return addr
 
 
-def _populate(addr: int, extents: Iterable[tuple[int, int]], path: str) -> None:
-    """Fault in and so lock the pages of extents in a lock-on-fault mapping at addr."""
-    for first, last in extents:
-        while True:
-            try:
-                native.madvise(addr + first * PAGE_SIZE, (last - first) * PAGE_SIZE,
-                               native.MADV_POPULATE_READ, path=path)
-                break
-            except OSError as exc:
-                # A signal interrupts the populate. The pages faulted in so far stay, so
-                # the retry resumes quickly.
-                if exc.errno == errno.EINTR:
-                    continue
-                if exc.errno in _POPULATE_CHANGED_ERRNOS:
-                    raise _FileChanged() from None
-                raise
+def _populate(addr: int, extents: Iterable[tuple[int, int]], path: str,
+              should_stop: Callable[[], bool] | None = None) -> None:
+    """Fault in and so lock the pages of extents in a lock-on-fault mapping at addr.
+
+    Extents are populated in chunks of POPULATE_CHUNK_PAGES, so that a stop request
+    waits for one chunk read from disk and not for a whole cold file.
+    """
+    for extent_first, extent_last in extents:
+        for first in range(extent_first, extent_last, POPULATE_CHUNK_PAGES):
+            if should_stop is not None and should_stop():
+                raise _Skipped(REASON_STOPPING, release=True)
+            last = min(first + POPULATE_CHUNK_PAGES, extent_last)
+            _populate_range(addr + first * PAGE_SIZE, (last - first) * PAGE_SIZE, path)
+
+
+def _populate_range(start: int, length_bytes: int, path: str) -> None:
+    while True:
+        try:
+            native.madvise(start, length_bytes, native.MADV_POPULATE_READ, path=path)
+            return
+        except OSError as exc:
+            # A signal interrupts the populate. The pages faulted in so far stay, so
+            # the retry resumes quickly.
+            if exc.errno == errno.EINTR:
+                continue
+            if exc.errno in _POPULATE_CHANGED_ERRNOS:
+                raise _FileChanged() from None
+            raise
 
 
 def _missing_extents(present: bytes, extents: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,3 +132,30 @@ def test_snapshot_restore_follows_file_filters(work: Path):
     held = {f["path"] for f in status["files"]}
     assert str(kept) in held
     assert str(dropped) not in held
+
+
+def test_sigterm_during_populate_of_cold_file(work: Path):
+    program = daemonproc.build_map_program(work)
+    data = work / "data" / "big.bin"
+    block = os.urandom(1 << 20)
+    with open(data, "wb") as f:
+        # Written data, so populating reads it back from disk: holes and unwritten extents
+        # would map zero pages without any read.
+        for _ in range(768):
+            f.write(block)
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    config = daemonproc.restricted_config(work)
+    config["lock"].update({"mode": "whole-file", "budget": "1GiB", "max_file_size": "1GiB"})
+    with procs.spawn([program, "-n", "-x", data], ready_line="ready"), \
+            daemonproc.run_daemon(work, config) as daemon:
+        deadline = time.monotonic() + 60
+        while "locked" not in daemon.log() and "DEBUG prelock.scan" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log_tail()
+            if daemon.status() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        # stop() fails the test when the daemon takes longer than 5 s to exit.
+        assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
