@@ -339,12 +339,16 @@ def _parse_size_value(v: Validator, node: yaml.Node, key: str, allow_percent: bo
     return Size(size_bytes=value)
 
 
+MIN_BUDGET_FRACTION = 0.00001
+
+
 def _to_budget(v: Validator, node: yaml.Node, key: str) -> object:
     size = _parse_size_value(v, node, key, allow_percent=True)
     if size is _INVALID:
         return _INVALID
-    if size.fraction is not None and not 0 < size.fraction <= 1:
-        return v.report(node, key, "out of range", "a percentage above 0% and at most 100%")
+    # 0.001 % of a 1 TiB node is 10 MiB; anything smaller is a typo, not a budget.
+    if size.fraction is not None and not MIN_BUDGET_FRACTION <= size.fraction <= 1:
+        return v.report(node, key, "out of range", "a percentage from 0.001% to 100%")
     if size.size_bytes is not None and size.size_bytes < MIN_LOCK_SIZE_BYTES:
         return v.report(node, key, "too small to lock anything", "at least 4KiB, or a percentage such as 10%")
     return size

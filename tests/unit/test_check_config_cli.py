@@ -41,6 +41,7 @@ BAD_CONFIGS = [
     ("unknown mode", "lock:\n  mode: everything\n", "lock.mode", 2),
     ("budget 0%", "lock:\n  budget: 0%\n", "lock.budget", 2),
     ("budget over 100%", "lock:\n  budget: 101%\n", "lock.budget", 2),
+    ("budget tiny percentage", "lock:\n  budget: 0.0000001%\n", "lock.budget", 2),
     ("budget zero bytes", "lock:\n  budget: 0\n", "lock.budget", 2),
     ("budget bytes without %", "lock:\n  budget: 10\n", "lock.budget", 2),
     ("budget negative", "lock:\n  budget: -1GiB\n", "lock.budget", 2),
