@@ -267,6 +267,12 @@ def _check_settings(settings: ThrashSettings) -> None:
     if settings.leak_bytes < native.PAGE_SIZE:
         raise ConfigError(f"the hog must leak at least one page ({native.PAGE_SIZE} bytes) per pass, "
                           "or it never fills the cgroup")
+    # A leak that does not fit beside the working sets fails its first allocation, and
+    # the hog exits at once instead of filling the cgroup pass by pass.
+    if working_set_bytes + settings.leak_bytes >= settings.limit_bytes:
+        raise ConfigError(f"the leak per pass ({format_size(settings.leak_bytes)}) must fit below the limit "
+                          f"with the working sets ({format_size(working_set_bytes)} of "
+                          f"{format_size(settings.limit_bytes)}): lower --leak")
     # A NaN or infinite duration would never end the phase: comparisons with NaN are false.
     for name, seconds in (("max_seconds", settings.max_seconds), ("baseline_seconds", settings.baseline_seconds)):
         if not math.isfinite(seconds) or seconds <= 0:

@@ -194,6 +194,11 @@ def test_settings_reject_hog_without_leak():
         bench._check_settings(bench.ThrashSettings(leak_bytes=0))
 
 
+def test_settings_reject_leak_beyond_limit():
+    with pytest.raises(ConfigError, match="lower --leak"):
+        bench._check_settings(bench.ThrashSettings(leak_bytes=1 << 40))
+
+
 def test_default_sizes_follow_limit():
     assert default_sizes(512 * MiB, None, None) == (192 * MiB, 96 * MiB)
     assert default_sizes(256 * MiB, None, None) == (96 * MiB, 48 * MiB)
