@@ -71,6 +71,7 @@ class StatusFile:
     locked_bytes: int | None
     age_s: float | None
     error: str | None = None
+    running: bool | None = None  # whether the recorded pid is still a prelock process
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,14 @@ def _subcommand(args: tuple[str, ...]) -> str | None:
     return None
 
 
+def _is_prelock(pid: int) -> bool:
+    """Whether pid runs prelock, and is not a later process that reused a dead daemon's pid."""
+    try:
+        return any("prelock" in argument for argument in procfs.read_cmdline(pid))
+    except (ProcessGone, AccessDenied, OSError):
+        return False
+
+
 def read_status_files(state_dirs: tuple[str, ...]) -> list[StatusFile]:
     """Read the status file that a running daemon writes into its state directory."""
     found = []
@@ -240,8 +249,10 @@ def read_status_files(state_dirs: tuple[str, ...]) -> list[StatusFile]:
             record = json.loads(path.read_text())
             updated_at = float(record.get("updated_at", path.stat().st_mtime))
             pid, locked = record.get("pid"), record.get("locked_bytes")
-            found.append(StatusFile(str(path), int(pid) if pid is not None else None,
-                                    int(locked) if locked is not None else None, max(0.0, time.time() - updated_at)))
+            pid = int(pid) if pid is not None else None
+            running = record.get("running", True) is not False and pid is not None and _is_prelock(pid)
+            found.append(StatusFile(str(path), pid, int(locked) if locked is not None else None,
+                                    max(0.0, time.time() - updated_at), running=running))
         except FileNotFoundError:
             continue
         except OSError as exc:

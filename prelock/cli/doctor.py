@@ -400,8 +400,9 @@ def _render_protection(protection: analysis.Protection) -> None:
         if item.error:
             lines.append(f"status file {item.path}: {item.error}")
         else:
+            state = "" if item.running else " (that daemon is not running: it stopped or was killed)"
             lines.append(f"status file {item.path}: pid {item.pid}, locked {_gib(item.locked_bytes)} GiB, "
-                         f"updated {item.age_s:.0f} s ago")
+                         f"updated {item.age_s:.0f} s ago{state}")
     if protection.status_note:
         lines.append(f"status file: {protection.status_note}")
     lines.append(f"mlocked (meminfo Mlocked): {_gib(protection.mlocked_bytes)} GiB")

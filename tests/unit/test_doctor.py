@@ -859,3 +859,21 @@ def test_invalid_config_option_is_usage_error(tmp_path):
 
     assert result.exit_code == 2
     assert f"{config}:1: state_dir: not an absolute path" in result.stderr
+
+
+def test_status_file_of_dead_daemon_not_running(tmp_path):
+    from prelock.doctor_node import read_status_files
+
+    # PID 2**22 + 1 is above the kernel's pid_max ceiling, so no process has it.
+    (tmp_path / "status.json").write_text('{"pid": 4194305, "locked_bytes": 0, "updated_at": 0}')
+    (found,) = read_status_files((str(tmp_path),))
+    assert found.running is False
+    assert found.pid == 4194305
+
+
+def test_status_file_marked_stopped_not_running(tmp_path):
+    from prelock.doctor_node import read_status_files
+
+    (tmp_path / "status.json").write_text(f'{{"pid": {os.getpid()}, "locked_bytes": 0, "running": false}}')
+    (found,) = read_status_files((str(tmp_path),))
+    assert found.running is False
