@@ -16,7 +16,7 @@ _V1_UNLIMITED_BYTES = 1 << 62
 
 @dataclass(frozen=True)
 class MemoryController:
-    """Where the memory controller is mounted, and which cgroup version it is."""
+    """Mount point and cgroup version of the memory controller."""
 
     version: int
     mount: Path

@@ -193,7 +193,7 @@ class Daemon:
         self._snapshot_signature = signature
 
     def status_record(self) -> dict:
-        """Return what the daemon holds now, for the status file and `prelock status`."""
+        """Return the files the daemon keeps locked now, for the status file and `prelock status`."""
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
@@ -338,7 +338,7 @@ def run(daemon: Daemon, max_cycles: int | None = None, restore: bool = True) -> 
         signal.signal(signum, on_signal)
 
     try:
-        # A status file from before the restore tells `prelock status` this daemon runs.
+        # A status file written before the restore lets `prelock status` see this daemon running.
         daemon.write_status()
         if restore:
             daemon.restore_snapshot()

@@ -230,7 +230,7 @@ def _subcommand(args: tuple[str, ...]) -> str | None:
 
 
 def _is_prelock(pid: int) -> bool:
-    """Whether pid runs prelock, and is not a later process that reused a dead daemon's pid."""
+    """Check that pid runs prelock, not a later process that reused a dead daemon's pid."""
     try:
         return any("prelock" in argument for argument in procfs.read_cmdline(pid))
     except (ProcessGone, AccessDenied, OSError):

@@ -144,7 +144,7 @@ def fstatfs_type(fd: int, path: str | None = None) -> int:
 
 @functools.cache
 def has_cachestat() -> bool:
-    """Whether the kernel has cachestat(2) (Linux 6.5+)."""
+    """Probe once for cachestat(2) (Linux 6.5+)."""
     # An invalid fd gets EBADF from a kernel that has the syscall and ENOSYS otherwise;
     # a seccomp filter that blocks it shows up as EPERM.
     rc = lib.pl_cachestat(-1, 0, 0, ffi.new("struct pl_cachestat *"))
@@ -153,7 +153,7 @@ def has_cachestat() -> bool:
 
 @functools.cache
 def has_populate_read() -> bool:
-    """Whether madvise accepts MADV_POPULATE_READ (Linux 5.14+)."""
+    """Probe once whether madvise accepts MADV_POPULATE_READ (Linux 5.14+)."""
     # madvise validates the advice before the range, and an empty range is a no-op,
     # so an unknown advice fails with EINVAL and a known one returns 0.
     return lib.pl_madvise(0, 0, MADV_POPULATE_READ) == 0
@@ -161,7 +161,7 @@ def has_populate_read() -> bool:
 
 @functools.cache
 def has_procmap_query() -> bool:
-    """Whether /proc/PID/maps answers the PROCMAP_QUERY ioctl (Linux 6.11+)."""
+    """Probe once whether /proc/PID/maps supports the PROCMAP_QUERY ioctl (Linux 6.11+)."""
     fd = os.open("/proc/self/maps", os.O_RDONLY | os.O_CLOEXEC)
     try:
         procmap_query(fd, 0)

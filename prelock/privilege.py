@@ -1,4 +1,4 @@
-"""What this process may do: capabilities from /proc/self/status and RLIMIT_MEMLOCK."""
+"""Privileges of this process: capabilities from /proc/self/status and RLIMIT_MEMLOCK."""
 
 from __future__ import annotations
 

@@ -212,8 +212,8 @@ def read_task_maps(pid: int, procfs: str = "/proc") -> tuple[int, list[Mapping]]
     """Read the mappings of pid, and return them with the id to use under procfs for them.
 
     Zombies and kernel threads have no mappings. A process whose main thread exited
-    while other threads run also reads as empty, and so do its pagemap and map_files,
-    so fall back to a live thread: /proc/TID works for any thread id although readdir
+    while other threads run also reads as empty, and so do its pagemap and map_files.
+    The fallback is a live thread: /proc/TID works for any thread id, although readdir
     of /proc lists only process ids.
     """
     mappings = _read_maps_file(pid, "maps", procfs)
@@ -244,8 +244,8 @@ def _read_maps_file(pid: int, name: str, procfs: str) -> list[Mapping]:
         # thread exited) while the /proc entry is open, which the maps text reads as empty.
         if exc.errno == errno.ESRCH:
             return []
-        # A fixture tree has plain files, and the ioctl's name buffer holds at most
-        # PATH_MAX bytes while the text has the whole path.
+        # A fixture tree has plain files. The ioctl's name buffer has room for PATH_MAX
+        # bytes, while the text contains the whole path.
         if exc.errno in (errno.ENOTTY, errno.ENAMETOOLONG):
             return parse_maps(_read(pid, name, procfs))
         raise translate_proc_error(exc, pid, path) from exc

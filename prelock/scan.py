@@ -27,7 +27,7 @@ MAX_SOURCES = 4
 
 @dataclass
 class FileUsage:
-    """What the targets do with one file: mapped and present page ranges per owner."""
+    """Usage of one file by the targets: its mapped and present page ranges and owners."""
 
     key: FileKey
     path: str

@@ -1,9 +1,9 @@
 """The held set persisted to disk, so the next start locks before the targets start.
 
 Early in boot, kubelet and containerd have not started yet, so a scan finds nothing
-to lock; the snapshot names the files and extents held before, and the daemon locks
-those that are unchanged (same device, inode, size and mtime) until the first scans
-confirm or release them.
+to lock. The snapshot names the files and extents locked before. The daemon locks those
+that are unchanged (same device, inode, size and mtime) until the first scans confirm
+or release them.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _selected(entry: SnapshotEntry, config: Config) -> bool:
 
 
 def unchanged(entry: SnapshotEntry) -> bool:
-    """Whether the path still names the same, unmodified file."""
+    """Check that the path still names the same, unmodified file."""
     # NOTE: paths resolve in the daemon's own mount namespace. In a container that does
     # not share the host's root, host paths find other files or none, and the identity
     # check then skips them, so restoring from a snapshot does nothing there.

@@ -1,4 +1,4 @@
-"""Which running processes are targets, and in which tier."""
+"""Target selection: the running processes to protect, and their tiers."""
 
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ def _status_problem(record: object) -> str | None:
 
 
 def _is_running(pid: int) -> bool:
-    """Whether pid is still a prelock process, and not a later process that reused the pid."""
+    """Check that pid is still a prelock process, not a later process that reused the pid."""
     try:
         return any("prelock" in argument for argument in procfs.read_cmdline(pid))
     except (ProcessGone, AccessDenied, OSError):
